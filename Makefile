@@ -1,0 +1,49 @@
+# nbdswap — the two commands: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STATE_DIR ?= var
+LISTEN ?= tcp://127.0.0.1:10809
+SIZE ?= 4G
+RAM_MAX ?= 1G
+DISK_MAX ?= 8G
+
+# Debian packages: real NBD clients and servers for the tests, QEMU and a
+# busybox for the VM end-to-end test, a C toolchain for its static memory hog.
+APT_PACKAGES := python3-venv libnbd-bin qemu-utils nbdkit nbd-client fio \
+	qemu-system-x86 busybox-static cpio kmod iproute2 gcc libc6-dev \
+	ca-certificates procps
+
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test deps venv vm-image clean
+
+run: venv
+	mkdir -p $(STATE_DIR)
+	$(VENV)/bin/nbdswap serve --listen $(LISTEN) --export swap --size $(SIZE) \
+		--state-dir $(STATE_DIR) --ram-max $(RAM_MAX) --disk-max $(DISK_MAX)
+
+test: deps venv vm-image
+	$(VPY) -m pytest -ra
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test]'
+	touch $@
+
+deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		$(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+vm-image: deps
+	deploy/vm/build.sh $(STATE_DIR)/vm
+
+clean:
+	rm -rf $(VENV) build *.egg-info
