@@ -1,0 +1,637 @@
+"""The server side of one NBD connection, without any I/O (in the style of h11).
+
+Feed received bytes to :meth:`ServerConnection.receive_data`, take events from
+:meth:`ServerConnection.next_event` until it returns ``None``, and send what
+:meth:`ServerConnection.data_to_send` returns.  The handshake is answered here in
+full (it only needs the export catalogue); the transmission phase hands every
+*valid* request to the caller as a :class:`Request` and answers invalid ones itself
+with the error the spec asks for (reported as :class:`RequestRejected`).
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from .constants import (
+    BASE_ALLOCATION,
+    IHAVEOPT,
+    MAX_STRING_LENGTH,
+    NBDMAGIC,
+    OPTION_REPLY_MAGIC,
+    REPLY_FLAG_DONE,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    ClientFlag,
+    Command,
+    CommandFlag,
+    Errno,
+    HandshakeFlag,
+    Info,
+    Option,
+    OptionReply,
+    ReplyType,
+    TransmissionFlag,
+)
+
+_OPTION_HEADER = struct.Struct(">QII")
+_OPTION_REPLY_HEADER = struct.Struct(">QIII")
+_REQUEST_HEADER = struct.Struct(">IHHQQI")
+_SIMPLE_REPLY = struct.Struct(">IIQ")
+_STRUCTURED_HEADER = struct.Struct(">IHHQI")
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+
+SERVER_HANDSHAKE_FLAGS = int(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES)
+KNOWN_CLIENT_FLAGS = int(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)
+
+#: Option payloads above this are skipped without buffering and answered with an
+#: error: the longest valid option (a name and a few meta-context queries) is far
+#: smaller.
+MAX_OPTION_LENGTH = 64 * 1024
+
+BASE_ALLOCATION_CONTEXT_ID = 1
+
+#: Command flags each command accepts (FUA only when advertised, DF only with
+#: structured replies; both are added in :meth:`ServerConnection._allowed_flags`).
+_COMMAND_FLAGS = {
+    Command.READ: CommandFlag(0),
+    Command.WRITE: CommandFlag(0),
+    Command.FLUSH: CommandFlag(0),
+    Command.TRIM: CommandFlag(0),
+    Command.CACHE: CommandFlag(0),
+    Command.WRITE_ZEROES: CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO,
+    Command.BLOCK_STATUS: CommandFlag.REQ_ONE,
+}
+
+#: Commands that address a range of the export.
+_RANGE_COMMANDS = frozenset(
+    {Command.READ, Command.WRITE, Command.TRIM, Command.CACHE,
+     Command.WRITE_ZEROES, Command.BLOCK_STATUS}
+)
+#: Commands whose out-of-range error is ENOSPC rather than EINVAL.
+_WRITING_COMMANDS = frozenset({Command.WRITE, Command.WRITE_ZEROES})
+
+
+@dataclass(frozen=True)
+class Export:
+    """What the protocol needs to know about one export."""
+
+    name: str
+    size: int
+    description: str = ""
+    minimum_block_size: int = 512
+    preferred_block_size: int = 4096
+    maximum_payload: int = 32 * 1024 * 1024
+    read_only: bool = False
+
+    def transmission_flags(self, structured_replies: bool) -> int:
+        flags = (
+            TransmissionFlag.HAS_FLAGS
+            | TransmissionFlag.SEND_FLUSH
+            | TransmissionFlag.SEND_FUA
+            | TransmissionFlag.SEND_CACHE
+            | TransmissionFlag.CAN_MULTI_CONN
+        )
+        if self.read_only:
+            flags |= TransmissionFlag.READ_ONLY
+        else:
+            flags |= (
+                TransmissionFlag.SEND_TRIM
+                | TransmissionFlag.SEND_WRITE_ZEROES
+                | TransmissionFlag.SEND_FAST_ZERO
+            )
+        if structured_replies:
+            flags |= TransmissionFlag.SEND_DF
+        return int(flags)
+
+
+# --- events -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TransmissionStarted:
+    """The handshake chose ``export``; requests follow."""
+
+    export: Export
+    structured_replies: bool
+    meta_contexts: tuple[int, ...]
+
+
+class Request:
+    """A valid transmission-phase request (``data`` only for WRITE)."""
+
+    __slots__ = ("cookie", "command", "flags", "offset", "length", "data")
+
+    def __init__(self, cookie: int, command: Command, flags: int, offset: int,
+                 length: int, data: bytes | None = None) -> None:
+        self.cookie = cookie
+        self.command = command
+        self.flags = flags
+        self.offset = offset
+        self.length = length
+        self.data = data
+
+    @property
+    def fua(self) -> bool:
+        return bool(self.flags & CommandFlag.FUA)
+
+    def __repr__(self) -> str:
+        return (f"Request({self.command.name}, cookie={self.cookie:#x}, flags={self.flags:#x}, "
+                f"offset={self.offset}, length={self.length})")
+
+
+@dataclass(frozen=True)
+class RequestRejected:
+    """A request that broke a rule; its error reply is already queued."""
+
+    cookie: int
+    command: int
+    error: Errno
+    reason: str
+
+
+@dataclass(frozen=True)
+class OptionHandled:
+    """An option was answered during the handshake (for logs and metrics)."""
+
+    option: int
+    reply: OptionReply
+
+
+@dataclass(frozen=True)
+class Disconnect:
+    """The client ended the session (NBD_CMD_DISC or NBD_OPT_ABORT)."""
+
+
+@dataclass(frozen=True)
+class ProtocolViolation:
+    """The peer broke a MUST of the spec: send what is queued, then close."""
+
+    reason: str
+
+
+Event = TransmissionStarted | Request | RequestRejected | OptionHandled | Disconnect | ProtocolViolation
+
+
+class _State(enum.Enum):
+    CLIENT_FLAGS = "client flags"
+    OPTIONS = "options"
+    TRANSMISSION = "transmission"
+    CLOSED = "closed"
+
+
+class _InvalidOption(Exception):
+    """An option's payload is malformed: answered with NBD_REP_ERR_INVALID."""
+
+
+class ExportCatalog:
+    """The exports a server offers; the empty name selects the default (first) one."""
+
+    def __init__(self, exports: Sequence[Export]) -> None:
+        if not exports:
+            raise ValueError("at least one export is needed")
+        self._exports = {export.name: export for export in exports}
+        self._default = exports[0]
+
+    def __iter__(self):
+        return iter(self._exports.values())
+
+    def lookup(self, name: str) -> Export | None:
+        if name == "":
+            return self._default
+        return self._exports.get(name)
+
+
+class ServerConnection:
+    """State machine of one connection: greeting → client flags → options → transmission."""
+
+    def __init__(self, catalog: ExportCatalog) -> None:
+        self._catalog = catalog
+        self._state = _State.CLIENT_FLAGS
+        self._in = bytearray()
+        self._pos = 0
+        self._out: list[bytes] = []
+        self._events: deque[Event] = deque()
+        self._discard = 0
+        self._after_discard: Callable[[], None] | None = None
+        self._no_zeroes = False
+        self._structured = False
+        self._meta_export: str | None = None
+        self._meta_contexts: tuple[int, ...] = ()
+        self.export: Export | None = None
+        self._out.append(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, SERVER_HANDSHAKE_FLAGS))
+
+    # --- public interface ---------------------------------------------------
+
+    @property
+    def structured_replies(self) -> bool:
+        return self._structured
+
+    @property
+    def closed(self) -> bool:
+        return self._state is _State.CLOSED
+
+    @property
+    def in_transmission(self) -> bool:
+        return self._state is _State.TRANSMISSION
+
+    def receive_data(self, data: bytes) -> None:
+        """Take bytes from the peer; events become available through next_event()."""
+        if self._state is _State.CLOSED:
+            return
+        if self._discard:
+            data = self._skip(data)
+        if data:
+            self._in += data
+        self._parse()
+
+    def next_event(self) -> Event | None:
+        if self._events:
+            return self._events.popleft()
+        return None
+
+    def data_to_send(self) -> list[bytes]:
+        out, self._out = self._out, []
+        return out
+
+    # --- transmission replies ---------------------------------------------------
+
+    def reply_ok(self, request: Request) -> None:
+        self._out.append(_SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, request.cookie))
+
+    def reply_read(self, request: Request, data: bytes) -> None:
+        if self._structured:
+            header = _STRUCTURED_HEADER.pack(
+                STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, ReplyType.OFFSET_DATA,
+                request.cookie, 8 + len(data))
+            self._out.append(header + struct.pack(">Q", request.offset))
+        else:
+            self._out.append(_SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, request.cookie))
+        self._out.append(data)
+
+    def reply_error(self, request: Request | RequestRejected, error: Errno,
+                    message: str = "") -> None:
+        self._queue_error(request.cookie, error, message)
+
+    def reply_block_status(self, request: Request,
+                           extents: dict[int, Sequence[tuple[int, int]]]) -> None:
+        """One BLOCK_STATUS chunk per context id: (length, flags) descriptors."""
+        contexts = list(extents.items())
+        for index, (context_id, descriptors) in enumerate(contexts):
+            if request.flags & CommandFlag.REQ_ONE:
+                length, flags = descriptors[0]
+                descriptors = [(min(length, request.length), flags)]
+            payload = bytearray(_U32.pack(context_id))
+            for length, flags in descriptors:
+                payload += struct.pack(">II", length, flags)
+            done = REPLY_FLAG_DONE if index == len(contexts) - 1 else 0
+            self._out.append(_STRUCTURED_HEADER.pack(
+                STRUCTURED_REPLY_MAGIC, done, ReplyType.BLOCK_STATUS,
+                request.cookie, len(payload)) + bytes(payload))
+
+    # --- input plumbing -----------------------------------------------------------
+
+    def _skip(self, data: bytes) -> bytes:
+        """Drop bytes of a payload being discarded; return what follows it."""
+        taken = min(self._discard, len(data))
+        self._discard -= taken
+        if self._discard == 0 and self._after_discard is not None:
+            callback, self._after_discard = self._after_discard, None
+            callback()
+        return data[taken:]
+
+    def _discard_then(self, length: int, callback: Callable[[], None]) -> None:
+        """Skip ``length`` payload bytes (buffered ones first), then run ``callback``."""
+        buffered = min(length, len(self._in) - self._pos)
+        self._pos += buffered
+        self._discard = length - buffered
+        if self._discard == 0:
+            callback()
+        else:
+            self._after_discard = callback
+
+    def _available(self) -> int:
+        return len(self._in) - self._pos
+
+    def _take(self, n: int) -> bytes:
+        data = bytes(self._in[self._pos:self._pos + n])
+        self._pos += n
+        return data
+
+    def _parse(self) -> None:
+        while self._state is not _State.CLOSED and not self._discard:
+            if self._state is _State.CLIENT_FLAGS:
+                progressed = self._parse_client_flags()
+            elif self._state is _State.OPTIONS:
+                progressed = self._parse_option()
+            else:
+                progressed = self._parse_request()
+            if not progressed:
+                break
+        if self._pos:
+            del self._in[:self._pos]
+            self._pos = 0
+
+    def _close(self, violation: str | None = None) -> None:
+        self._state = _State.CLOSED
+        self._in.clear()
+        self._pos = 0
+        self._events.append(ProtocolViolation(violation) if violation else Disconnect())
+
+    # --- handshake ----------------------------------------------------------------
+
+    def _parse_client_flags(self) -> bool:
+        if self._available() < 4:
+            return False
+        (flags,) = _U32.unpack(self._take(4))
+        if flags & ~KNOWN_CLIENT_FLAGS:
+            self._close(f"unknown client flags {flags:#x}")
+            return False
+        self._no_zeroes = bool(flags & ClientFlag.NO_ZEROES)
+        self._state = _State.OPTIONS
+        return True
+
+    def _parse_option(self) -> bool:
+        if self._available() < _OPTION_HEADER.size:
+            return False
+        magic, option, length = _OPTION_HEADER.unpack_from(self._in, self._pos)
+        if magic != IHAVEOPT:
+            self._close(f"bad option magic {magic:#x}")
+            return False
+        if length > MAX_OPTION_LENGTH:
+            self._pos += _OPTION_HEADER.size
+            reply = OptionReply.ERR_TOO_BIG if option in Option._value2member_map_ else OptionReply.ERR_UNSUP
+            self._discard_then(length, lambda: self._option_reply(option, reply, b"option too long"))
+            return True
+        if self._available() < _OPTION_HEADER.size + length:
+            return False
+        self._pos += _OPTION_HEADER.size
+        self._handle_option(option, self._take(length))
+        return True
+
+    def _option_reply(self, option: int, reply: OptionReply, data: bytes = b"") -> None:
+        self._out.append(_OPTION_REPLY_HEADER.pack(OPTION_REPLY_MAGIC, option, reply, len(data)) + data)
+        if reply is not OptionReply.INFO and reply is not OptionReply.SERVER \
+                and reply is not OptionReply.META_CONTEXT:
+            self._events.append(OptionHandled(option, reply))
+
+    def _handle_option(self, option: int, data: bytes) -> None:
+        handler = self._OPTION_HANDLERS.get(option)
+        if handler is None:
+            self._option_reply(option, OptionReply.ERR_UNSUP, b"unsupported option")
+            return
+        try:
+            handler(self, option, data)
+        except _InvalidOption as error:
+            self._option_reply(option, OptionReply.ERR_INVALID, str(error).encode())
+
+    def _opt_export_name(self, option: int, data: bytes) -> None:
+        export = self._lookup(_decode_string(data))
+        if export is None:
+            self._close("NBD_OPT_EXPORT_NAME asked for an unknown export")
+            return
+        reply = struct.pack(">QH", export.size, export.transmission_flags(self._structured))
+        if not self._no_zeroes:
+            reply += bytes(124)
+        self._out.append(reply)
+        self._start_transmission(export)
+
+    def _opt_abort(self, option: int, data: bytes) -> None:
+        self._option_reply(option, OptionReply.ACK)
+        self._close()
+
+    def _opt_list(self, option: int, data: bytes) -> None:
+        if data:
+            raise _InvalidOption("NBD_OPT_LIST takes no data")
+        for export in self._catalog:
+            name = export.name.encode()
+            self._option_reply(option, OptionReply.SERVER, _U32.pack(len(name)) + name)
+        self._option_reply(option, OptionReply.ACK)
+
+    def _opt_starttls(self, option: int, data: bytes) -> None:
+        if data:
+            raise _InvalidOption("NBD_OPT_STARTTLS takes no data")
+        self._option_reply(option, OptionReply.ERR_POLICY, b"TLS is not offered by this server")
+
+    def _opt_info_go(self, option: int, data: bytes) -> None:
+        name, requests = _parse_info_request(data)
+        export = self._lookup(name)
+        if export is None:
+            self._option_reply(option, OptionReply.ERR_UNKNOWN, f"no export named {name!r}".encode())
+            return
+        self._send_export_info(option, export, requests)
+        self._option_reply(option, OptionReply.ACK)
+        if option == Option.GO:
+            self._start_transmission(export)
+
+    def _send_export_info(self, option: int, export: Export, requests: set[int]) -> None:
+        flags = export.transmission_flags(self._structured)
+        self._option_reply(option, OptionReply.INFO, struct.pack(">HQH", Info.EXPORT, export.size, flags))
+        if Info.NAME in requests:
+            self._option_reply(option, OptionReply.INFO, _U16.pack(Info.NAME) + export.name.encode())
+        if Info.DESCRIPTION in requests and export.description:
+            self._option_reply(option, OptionReply.INFO,
+                               _U16.pack(Info.DESCRIPTION) + export.description.encode())
+        # Sent unasked too: we enforce a minimum block size above the default of 1.
+        self._option_reply(option, OptionReply.INFO, struct.pack(
+            ">HIII", Info.BLOCK_SIZE, export.minimum_block_size,
+            export.preferred_block_size, export.maximum_payload))
+
+    def _opt_structured_reply(self, option: int, data: bytes) -> None:
+        if data:
+            raise _InvalidOption("NBD_OPT_STRUCTURED_REPLY takes no data")
+        self._structured = True
+        self._option_reply(option, OptionReply.ACK)
+
+    def _opt_meta_context(self, option: int, data: bytes) -> None:
+        if not self._structured:
+            raise _InvalidOption("negotiate structured replies first")
+        name, queries = _parse_meta_context_request(data)
+        export = self._lookup(name)
+        if export is None:
+            self._option_reply(option, OptionReply.ERR_UNKNOWN, f"no export named {name!r}".encode())
+            if option == Option.SET_META_CONTEXT:
+                self._meta_export, self._meta_contexts = None, ()
+            return
+        listing = option == Option.LIST_META_CONTEXT
+        selected = _select_contexts(queries, listing)
+        if not listing:
+            self._meta_export = export.name
+            self._meta_contexts = (BASE_ALLOCATION_CONTEXT_ID,) if selected else ()
+        for context in selected:
+            context_id = 0 if listing else BASE_ALLOCATION_CONTEXT_ID
+            self._option_reply(option, OptionReply.META_CONTEXT, _U32.pack(context_id) + context.encode())
+        self._option_reply(option, OptionReply.ACK)
+
+    _OPTION_HANDLERS = {
+        Option.EXPORT_NAME: _opt_export_name,
+        Option.ABORT: _opt_abort,
+        Option.LIST: _opt_list,
+        Option.STARTTLS: _opt_starttls,
+        Option.INFO: _opt_info_go,
+        Option.GO: _opt_info_go,
+        Option.STRUCTURED_REPLY: _opt_structured_reply,
+        Option.LIST_META_CONTEXT: _opt_meta_context,
+        Option.SET_META_CONTEXT: _opt_meta_context,
+    }
+
+    def _lookup(self, name: str) -> Export | None:
+        return self._catalog.lookup(name)
+
+    def _start_transmission(self, export: Export) -> None:
+        self.export = export
+        self._state = _State.TRANSMISSION
+        contexts = self._meta_contexts if self._meta_export == export.name else ()
+        self._meta_contexts = contexts
+        self._events.append(TransmissionStarted(export, self._structured, contexts))
+
+    # --- transmission -----------------------------------------------------------
+
+    def _parse_request(self) -> bool:
+        if self._available() < _REQUEST_HEADER.size:
+            return False
+        magic, flags, command, cookie, offset, length = _REQUEST_HEADER.unpack_from(self._in, self._pos)
+        if magic != REQUEST_MAGIC:
+            self._close(f"bad request magic {magic:#x}")
+            return False
+        if command == Command.WRITE and length <= self.export.maximum_payload:
+            if self._available() < _REQUEST_HEADER.size + length:
+                return False
+            self._pos += _REQUEST_HEADER.size
+            data = self._take(length)
+        else:
+            self._pos += _REQUEST_HEADER.size
+            data = None
+        if command == Command.DISC:
+            self._close()
+            return False
+        error = self._validate(command, flags, offset, length)
+        if error is not None:
+            self._reject(cookie, command, *error)
+            if command == Command.WRITE and data is None:
+                self._discard_then(length, lambda: None)
+            return True
+        self._events.append(Request(cookie, Command(command), flags, offset, length, data))
+        return True
+
+    def _allowed_flags(self, command: int) -> int:
+        allowed = _COMMAND_FLAGS[command] | CommandFlag.FUA
+        if command == Command.READ and self._structured:
+            allowed |= CommandFlag.DF
+        return int(allowed)
+
+    def _validate(self, command: int, flags: int, offset: int, length: int) -> tuple[Errno, str] | None:
+        """Every rule a request must follow, one check and one error each."""
+        export = self.export
+        if command not in _COMMAND_FLAGS:
+            return Errno.EINVAL, f"unknown command {command}"
+        if flags & ~self._allowed_flags(command):
+            return Errno.EINVAL, f"flags {flags:#x} not valid for {Command(command).name}"
+        if export.read_only and command in (Command.WRITE, Command.TRIM, Command.WRITE_ZEROES):
+            return Errno.EPERM, "the export is read-only"
+        if command == Command.FLUSH:
+            if offset or length:
+                return Errno.EINVAL, "FLUSH must have zero offset and length"
+            return None
+        if command == Command.BLOCK_STATUS and not self._meta_contexts:
+            return Errno.EINVAL, "BLOCK_STATUS needs a metadata context negotiated"
+        if command in (Command.READ, Command.WRITE) and length > export.maximum_payload:
+            return Errno.EINVAL, f"length {length} exceeds the maximum payload {export.maximum_payload}"
+        if length == 0:
+            return Errno.EINVAL, "zero-length request"
+        if offset + length > export.size:
+            error = Errno.ENOSPC if command in _WRITING_COMMANDS else Errno.EINVAL
+            return error, f"range {offset}+{length} is beyond the end of the export ({export.size})"
+        alignment = export.minimum_block_size
+        if offset % alignment or length % alignment:
+            return Errno.EINVAL, f"range {offset}+{length} is not aligned to {alignment} bytes"
+        return None
+
+    def _reject(self, cookie: int, command: int, error: Errno, reason: str) -> None:
+        self._queue_error(cookie, error, reason)
+        self._events.append(RequestRejected(cookie, command, error, reason))
+
+    def _queue_error(self, cookie: int, error: Errno, message: str) -> None:
+        if self._structured:
+            text = message.encode()[:MAX_STRING_LENGTH]
+            payload = struct.pack(">IH", error, len(text)) + text
+            self._out.append(_STRUCTURED_HEADER.pack(
+                STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, ReplyType.ERROR, cookie, len(payload)) + payload)
+        else:
+            self._out.append(_SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, cookie))
+
+
+# --- option payload parsing ---------------------------------------------------
+
+
+def _decode_string(data: bytes) -> str:
+    if len(data) > MAX_STRING_LENGTH:
+        raise _InvalidOption("string longer than 4096 bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _InvalidOption("string is not valid UTF-8") from None
+    if "\0" in text:
+        raise _InvalidOption("string contains NUL")
+    return text
+
+
+def _parse_info_request(data: bytes) -> tuple[str, set[int]]:
+    """NBD_OPT_INFO/GO: name length, name, count of info requests, the requests."""
+    if len(data) < 6:
+        raise _InvalidOption("option data too short")
+    (name_length,) = _U32.unpack_from(data, 0)
+    if name_length > len(data) - 6:
+        raise _InvalidOption("export name length exceeds the option")
+    name = _decode_string(data[4:4 + name_length])
+    (count,) = _U16.unpack_from(data, 4 + name_length)
+    rest = data[6 + name_length:]
+    if len(rest) != 2 * count:
+        raise _InvalidOption("information request count does not match the option length")
+    return name, {value for (value,) in struct.iter_unpack(">H", rest)}
+
+
+def _parse_meta_context_request(data: bytes) -> tuple[str, list[str]]:
+    """LIST/SET_META_CONTEXT: name length, name, query count, (length, query)…"""
+    if len(data) < 8:
+        raise _InvalidOption("option data too short")
+    (name_length,) = _U32.unpack_from(data, 0)
+    if name_length > len(data) - 8:
+        raise _InvalidOption("export name length exceeds the option")
+    name = _decode_string(data[4:4 + name_length])
+    position = 4 + name_length
+    (count,) = _U32.unpack_from(data, position)
+    position += 4
+    queries = []
+    for _ in range(count):
+        if position + 4 > len(data):
+            raise _InvalidOption("query count exceeds the option")
+        (length,) = _U32.unpack_from(data, position)
+        position += 4
+        if position + length > len(data):
+            raise _InvalidOption("query length exceeds the option")
+        queries.append(_decode_string(data[position:position + length]))
+        position += length
+    if position != len(data):
+        raise _InvalidOption("trailing bytes after the queries")
+    return name, queries
+
+
+def _select_contexts(queries: list[str], listing: bool) -> list[str]:
+    """The contexts (only base:allocation exists) that the queries match.
+
+    Listing with no query lists everything; listing also accepts the empty leaf
+    name ``base:`` as a wildcard for the namespace.
+    """
+    for query in queries:
+        if ":" not in query:
+            raise _InvalidOption(f"query {query!r} has no namespace")
+    if listing and not queries:
+        return [BASE_ALLOCATION]
+    accepted = {BASE_ALLOCATION, "base:"} if listing else {BASE_ALLOCATION}
+    return [BASE_ALLOCATION] if any(query in accepted for query in queries) else []
