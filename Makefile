@@ -10,7 +10,7 @@ DISK_MAX ?= 8G
 
 # Debian packages: real NBD clients and servers for the tests, QEMU and a
 # busybox for the VM end-to-end test, a C toolchain for its static memory hog.
-APT_PACKAGES := python3-venv libnbd-bin qemu-utils nbdkit nbd-client fio \
+APT_PACKAGES := python3-venv libnbd-bin python3-libnbd qemu-utils nbdkit nbd-client fio \
 	qemu-system-x86 busybox-static cpio kmod iproute2 gcc libc6-dev \
 	ca-certificates procps
 

@@ -1,0 +1,147 @@
+"""The block device that every connection talks to.
+
+It owns the export's description (size, block sizes, capabilities), executes valid
+requests against the store, maps storage exceptions to NBD errors in one place and
+counts what it did.  Range and alignment rules are checked by the protocol layer
+before a request gets here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from .errors import CorruptBlockError, NoSpaceError, StoreError
+from .protocol import BASE_ALLOCATION_CONTEXT_ID, Command, CommandFlag, Errno, Export, Request
+
+if TYPE_CHECKING:
+    from .protocol import ServerConnection
+    from .store import Store
+
+log = logging.getLogger(__name__)
+
+BLOCK_SIZE = 4096
+MINIMUM_BLOCK_SIZE = 512
+MAXIMUM_PAYLOAD = 32 * 1024 * 1024
+#: BLOCK_STATUS answers at most this much of a larger request (the spec allows a
+#: shorter reply; clients ask again from where it ended).
+MAXIMUM_STATUS_SPAN = 1024 * 1024 * 1024
+
+#: Short lower-case names for counters, logs and status output.
+OPERATION_NAMES = {
+    Command.READ: "read",
+    Command.WRITE: "write",
+    Command.FLUSH: "flush",
+    Command.TRIM: "trim",
+    Command.CACHE: "cache",
+    Command.WRITE_ZEROES: "write_zeroes",
+    Command.BLOCK_STATUS: "block_status",
+}
+
+
+class BlockDevice:
+    """One export backed by a :class:`~nbdswap.store.Store`."""
+
+    def __init__(self, store: Store, name: str, size: int, description: str = "") -> None:
+        if size <= 0 or size % BLOCK_SIZE:
+            raise ValueError(f"device size must be a positive multiple of {BLOCK_SIZE}")
+        self.store = store
+        self.export = Export(
+            name=name,
+            size=size,
+            description=description,
+            minimum_block_size=MINIMUM_BLOCK_SIZE,
+            preferred_block_size=BLOCK_SIZE,
+            maximum_payload=MAXIMUM_PAYLOAD,
+        )
+        self.requests: Counter[str] = Counter()
+        self.request_bytes: Counter[str] = Counter()
+        self.errors: Counter[tuple[str, str]] = Counter()
+
+    async def execute(self, request: Request, connection: ServerConnection) -> None:
+        """Run ``request`` and queue its reply on ``connection``."""
+        operation = OPERATION_NAMES[request.command]
+        self.requests[operation] += 1
+        self.request_bytes[operation] += request.length
+        try:
+            await self._EXECUTORS[request.command](self, request, connection)
+        except Exception as error:  # noqa: BLE001 - every failure becomes an NBD error
+            errno = self._errno_for(error, request)
+            self.errors[(operation, errno.name)] += 1
+            connection.reply_error(request, errno, str(error) or type(error).__name__)
+
+    def count_rejected(self, command: int, error: Errno) -> None:
+        """Count a request the protocol layer refused."""
+        try:
+            operation = OPERATION_NAMES[Command(command)]
+        except (KeyError, ValueError):
+            operation = "unknown"
+        self.errors[(operation, error.name)] += 1
+
+    @staticmethod
+    def _errno_for(error: Exception, request: Request) -> Errno:
+        if isinstance(error, NoSpaceError):
+            return Errno.ENOSPC
+        if isinstance(error, CorruptBlockError):
+            log.error("%r: %s", request, error)
+            return Errno.EIO
+        if isinstance(error, (StoreError, OSError)):
+            log.error("%r failed: %s", request, error)
+            return Errno.EIO
+        log.exception("%r failed unexpectedly", request)
+        return Errno.EIO
+
+    async def _read(self, request: Request, connection: ServerConnection) -> None:
+        data = await self.store.read(request.offset, request.length)
+        connection.reply_read(request, data)
+
+    async def _write(self, request: Request, connection: ServerConnection) -> None:
+        await self.store.write(request.offset, request.data, fua=request.fua)
+        connection.reply_ok(request)
+
+    async def _flush(self, request: Request, connection: ServerConnection) -> None:
+        await self.store.flush()
+        connection.reply_ok(request)
+
+    async def _trim(self, request: Request, connection: ServerConnection) -> None:
+        await self.store.trim(request.offset, request.length, fua=request.fua)
+        connection.reply_ok(request)
+
+    async def _cache(self, request: Request, connection: ServerConnection) -> None:
+        """Every tier is readable directly, so there is nothing to prefetch yet."""
+        connection.reply_ok(request)
+
+    async def _write_zeroes(self, request: Request, connection: ServerConnection) -> None:
+        # Zeroing only rewrites map entries, so it is always faster than a write
+        # and FAST_ZERO never needs to fail with ENOTSUP.
+        may_trim = not request.flags & CommandFlag.NO_HOLE
+        await self.store.write_zeroes(request.offset, request.length, may_trim=may_trim, fua=request.fua)
+        connection.reply_ok(request)
+
+    async def _block_status(self, request: Request, connection: ServerConnection) -> None:
+        length = min(request.length, MAXIMUM_STATUS_SPAN)
+        extents = self.store.extents(request.offset, length)
+        connection.reply_block_status(request, {BASE_ALLOCATION_CONTEXT_ID: extents})
+
+    _EXECUTORS = {
+        Command.READ: _read,
+        Command.WRITE: _write,
+        Command.FLUSH: _flush,
+        Command.TRIM: _trim,
+        Command.CACHE: _cache,
+        Command.WRITE_ZEROES: _write_zeroes,
+        Command.BLOCK_STATUS: _block_status,
+    }
+
+    def status(self) -> dict:
+        """The device part of ``nbdswap status``."""
+        errors: dict[str, dict[str, int]] = {}
+        for (operation, errno), count in self.errors.items():
+            errors.setdefault(operation, {})[errno] = count
+        return {
+            "export": {"name": self.export.name, "size": self.export.size},
+            "requests": {name: self.requests[name] for name in OPERATION_NAMES.values()},
+            "request_bytes": {name: self.request_bytes[name] for name in OPERATION_NAMES.values()},
+            "errors": errors,
+        }
