@@ -7,6 +7,8 @@ LISTEN ?= tcp://127.0.0.1:10809
 SIZE ?= 4G
 RAM_MAX ?= 1G
 DISK_MAX ?= 8G
+# Kernel and initramfs of the VM end-to-end test.
+VM_DIR := build/vm
 
 # Debian packages: real NBD clients and servers for the tests, QEMU and a
 # busybox for the VM end-to-end test, a C toolchain for its static memory hog.
@@ -24,13 +26,12 @@ run: venv
 		--state-dir $(STATE_DIR) --ram-max $(RAM_MAX) --disk-max $(DISK_MAX)
 
 test: deps venv vm-image
-	$(VPY) -m pytest -ra
+	NBDSWAP_VM_DIR=$(VM_DIR) $(VPY) -m pytest -ra
 
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -e '.[test]'
 	touch $@
 
@@ -43,7 +44,7 @@ deps:
 	fi
 
 vm-image: deps
-	deploy/vm/build.sh $(STATE_DIR)/vm
+	deploy/vm/build.sh $(VM_DIR)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -134,3 +134,9 @@ def mixed_data(size: int, seed: int = 1) -> bytes:
         else:
             pages.append(rng.randbytes(4096))
     return b"".join(pages)
+
+
+def remove_ram_arena(state_dir: Path) -> None:
+    """Tests leave nothing behind in /dev/shm."""
+    from nbdswap.tiers.ram import arena_path
+    arena_path(state_dir).unlink(missing_ok=True)

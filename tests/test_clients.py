@@ -164,7 +164,7 @@ def test_fio_randwrite_verify_crc32c_at_qd32(server):
     result = run_client([
         "fio", "--name=verify", "--ioengine=nbd", f"--uri={server.uri}", "--rw=randwrite",
         "--bs=4k", "--iodepth=32", "--size=64M", "--verify=crc32c", "--do_verify=1",
-        "--verify_fatal=1", "--buffer_compress_percentage=60", "--buffer_compress_chunk=4096",
+        "--verify_fatal=1", "--verify_state_save=0", "--buffer_compress_percentage=60", "--buffer_compress_chunk=4096",
         "--refill_buffers", "--output-format=json"])
     job = json.loads(result.stdout[result.stdout.index(b"{"):])["jobs"][0]
     assert job["error"] == 0
