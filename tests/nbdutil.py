@@ -112,7 +112,7 @@ def nbdsh(uri: str, script: str, timeout: float = 300) -> str:
     server, not libnbd, judges bad requests); return its stdout."""
     prologue = "h.set_strict_mode(0)\n"
     body = prologue + textwrap.dedent(script)
-    result = run_client(["nbdsh", "-u", uri, "-c", body], timeout=timeout)
+    result = run_client(["nbdsh", "--base-allocation", "-u", uri, "-c", body], timeout=timeout)
     return result.stdout.decode()
 
 

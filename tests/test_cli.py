@@ -1,0 +1,157 @@
+"""The command line: listening addresses, config file, clear start-up errors, SIGTERM."""
+
+import json
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from nbdswap.config import ConfigError, ServeConfig, parse_size
+from nbdutil import nbdsh, nbdswap_command, remove_ram_arena, run_client
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def serve(tmp_path, *args, wait_for: str | None = "serving"):
+    """Start ``nbdswap serve`` and wait until it prints ``wait_for``."""
+    process = subprocess.Popen(nbdswap_command() + ["serve", "--state-dir", str(tmp_path / "state"), *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines = []
+    if wait_for:
+        for line in process.stdout:
+            lines.append(line.decode())
+            if wait_for in lines[-1]:
+                break
+    return process, lines
+
+
+def stop(process) -> int:
+    process.send_signal(signal.SIGTERM)
+    return process.wait(30)
+
+
+@pytest.fixture(autouse=True)
+def no_arena_left_behind(tmp_path):
+    yield
+    remove_ram_arena(tmp_path / "state")
+
+
+@pytest.mark.parametrize("value,expected", [("4096", 4096), ("512M", 512 << 20), ("4G", 4 << 30),
+                                            ("1t", 1 << 40), ("64KiB", 64 << 10)])
+def test_sizes(value, expected):
+    assert parse_size(value) == expected
+
+
+@pytest.mark.parametrize("overrides", [{"size": "1000"}, {"size": "4G", "ram_max": "lots"},
+                                       {"size": "4G", "listen": ["http://x"]},
+                                       {"size": "4G", "ram_max": "0", "disk_max": "0"}])
+def test_bad_settings_are_refused_with_a_reason(overrides):
+    with pytest.raises(ConfigError):
+        ServeConfig.load(None, overrides)
+
+
+def test_config_file_with_flag_overrides(tmp_path):
+    path = tmp_path / "nbdswap.toml"
+    path.write_text('size = "1G"\nram-max = "64M"\nlisten = "unix:///tmp/x.sock"\nexport = "vm1"\n')
+    config = ServeConfig.load(path, {"export": "vm2", "disk_max": None})
+    assert (config.size, config.ram_max, config.export) == (1 << 30, 64 << 20, "vm2")
+    assert config.listen == ["unix:///tmp/x.sock"]
+    path.write_text('sise = "1G"\n')
+    with pytest.raises(ConfigError, match="sise"):
+        ServeConfig.load(path, {})
+
+
+def test_tcp_ipv4_and_ipv6_and_unix_at_once(tmp_path):
+    port4, port6 = free_port(), free_port()
+    sock = tmp_path / "s.sock"
+    process, lines = serve(tmp_path, "--size", "64M", "--ram-max", "8M", "--disk-max", "64M",
+                           "--listen", f"tcp://127.0.0.1:{port4}", "--listen", f"tcp://[::1]:{port6}",
+                           "--listen", f"unix://{sock}", wait_for=f"unix://{sock}")
+    try:
+        assert any(f"tcp://127.0.0.1:{port4}" in line for line in lines)
+        nbdsh(f"nbd://127.0.0.1:{port4}/swap", "h.pwrite(b'4' * 4096, 0)")
+        nbdsh(f"nbd://[::1]:{port6}/swap", "assert h.pread(4096, 0) == b'4' * 4096")
+        nbdsh(f"nbd+unix:///swap?socket={sock}", "assert h.pread(4096, 0) == b'4' * 4096")
+    finally:
+        assert stop(process) == 0
+    assert not sock.exists()
+
+
+def test_second_server_on_the_same_state_dir_is_refused(tmp_path):
+    sock = tmp_path / "a.sock"
+    first, _ = serve(tmp_path, "--size", "64M", "--listen", f"unix://{sock}")
+    try:
+        second = subprocess.run(nbdswap_command() + ["serve", "--state-dir", str(tmp_path / "state"),
+                                "--size", "64M", "--listen", f"unix://{tmp_path / 'b.sock'}"],
+                                capture_output=True, timeout=30)
+        assert second.returncode == 2
+        assert b"another nbdswap server" in second.stderr
+    finally:
+        assert stop(first) == 0
+
+
+def test_foreign_state_dir_is_refused(tmp_path):
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "thesis.tex").write_text("not ours")
+    result = subprocess.run(nbdswap_command() + ["serve", "--state-dir", str(tmp_path / "state"),
+                            "--size", "64M", "--listen", f"unix://{tmp_path / 's.sock'}"],
+                            capture_output=True, timeout=30)
+    assert result.returncode == 2
+    assert b"not an nbdswap state directory" in result.stderr
+    assert b"Traceback" not in result.stderr
+
+
+def test_status_without_a_server_says_so(tmp_path):
+    result = subprocess.run(nbdswap_command() + ["status", "--state-dir", str(tmp_path)],
+                            capture_output=True, timeout=30)
+    assert result.returncode == 2 and b"no nbdswap server answers" in result.stderr
+
+
+CHUNK_SCRIPT = "import random\ndef chunk(i): return random.Random(i).randbytes(32768) * 2\n"
+
+WRITER_SCRIPT = CHUNK_SCRIPT + """
+cookies = [h.aio_pwrite(chunk(i), i * 65536) for i in range(512)]
+print("queued", flush=True)
+try:
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+except nbd.Error:
+    pass
+acknowledged = []
+for i, cookie in enumerate(cookies):
+    try:
+        if h.aio_command_completed(cookie):
+            acknowledged.append(i)
+    except nbd.Error:
+        pass
+print(" ".join(map(str, acknowledged)))
+"""
+
+
+def test_sigterm_finishes_in_flight_writes_then_exits(tmp_path):
+    sock = tmp_path / "s.sock"
+    uri = f"nbd+unix:///swap?socket={sock}"
+    process, _ = serve(tmp_path, "--size", "64M", "--ram-max", "8M", "--disk-max", "64M",
+                       "--listen", f"unix://{sock}")
+    writer = subprocess.Popen(["nbdsh", "-u", uri, "-c", WRITER_SCRIPT], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env={"PATH": "/usr/bin:/bin"})
+    assert writer.stdout.readline().strip() == b"queued"
+    assert stop(process) == 0
+    out, err = writer.communicate(timeout=60)
+    acknowledged = [int(i) for i in out.split()]
+    assert acknowledged, err.decode()
+    process, _ = serve(tmp_path, "--size", "64M", "--ram-max", "8M", "--disk-max", "64M",
+                       "--listen", f"unix://{sock}")
+    try:
+        nbdsh(uri, CHUNK_SCRIPT + f"""
+for i in {acknowledged!r}:
+    assert h.pread(65536, i * 65536) == chunk(i), i
+""")
+    finally:
+        assert stop(process) == 0
