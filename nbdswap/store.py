@@ -1,0 +1,588 @@
+"""Blocks ↔ tiers: the storage engine behind the NBD device.
+
+Every 4 KiB block has at most one entry in the block map (LMDB), which says whether it
+is zero, same-filled (the word is in the entry) or stored in a tier, with the stored
+length, flags and a checksum of the page.
+
+Write: encode the page, put the payload into the first tier with room (RAM, then disk),
+stage the new map entry and wait for the grouped commit.  Changes are staged in one
+in-memory batch; the first change schedules a commit callback on the event loop, which
+writes the whole batch in one LMDB transaction, then frees the tier slots the batch
+replaced, then wakes the writers.  A slot is therefore never reused while a committed
+entry can still point at it.  Reads consult the staged batch before LMDB.
+
+Staging is compare-and-swap where it matters: a partial-block write (read-modify-write)
+and a move stage only if the block still has the entry they started from; a
+read-modify-write retries, a move gives up.  Whole-block writes stage unconditionally.
+
+Durability, per part:
+
+* map: a commit is in the page cache before a write is acknowledged, which survives a
+  killed process; FLUSH and FUA also ``fsync`` it, which survives a host crash.
+* disk tier: likewise; ``fdatasync`` on FLUSH and FUA.
+* RAM tier: a shared-memory file survives a killed or restarted process, never a host
+  crash or reboot.  After one, the map's RAM entries are marked lost and read as EIO
+  (never as zeros or stale data) until the blocks are written again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import operator
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import lmdb
+
+from .blockmap import (
+    COMPRESSED,
+    LOST,
+    MAP_FILE,
+    SAME_FILLED,
+    TIER_DISK,
+    TIER_NONE,
+    TIER_RAM,
+    ZERO_ENTRY,
+    BlockMap,
+    Entry,
+)
+from .codec import PAGE_SIZE, ZERO_PAGE, DecodeError, PageKind, decode_payload, encode, same_filled_page
+from .errors import CorruptBlockError, NoSpaceError, StateDirError, StoreError, TierUnavailableError
+from .tiers import Tier
+from .tiers.disk import DISK_FILE, DiskTier
+from .tiers.ram import RamTier
+
+log = logging.getLogger(__name__)
+
+BLOCK_SIZE = PAGE_SIZE
+
+#: NBD ``base:allocation`` extent flags.
+HOLE = 1
+ZERO = 2
+
+#: Files other components keep in a state directory; anything else (besides
+#: subdirectories) makes a directory without a block map "not ours".
+STATE_DIR_FILES = frozenset({"lock", "admin.sock", MAP_FILE + "-lock"})
+#: Trim and zeroing commit after this many blocks (bounds memory on huge ranges).
+WHOLE_BLOCK_CHUNK = 8192
+#: Local tiers in placement order: a new block goes to the first with room.
+LOCAL_TIERS = (RamTier, DiskTier)
+
+class _Batch:
+    """Map changes staged since the last commit, and who waits for them."""
+
+    __slots__ = ("changes", "base", "replaced", "waiters", "done", "error")
+
+    def __init__(self) -> None:
+        self.changes: dict[int, Entry | None] = {}
+        self.base: dict[int, Entry | None] = {}  # the committed entry of each changed block
+        self.replaced: list[tuple[int, Entry]] = []  # stored entries to free after the commit
+        self.waiters: list[asyncio.Future] = []
+        self.done = False
+        self.error: str | None = None
+
+    def finish(self, error: str | None) -> None:
+        self.done, self.error = True, error
+        for waiter in self.waiters:
+            if not waiter.done():
+                if error is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(StoreError(error))
+
+
+class Store:
+    """The block store of one state directory.  Use :meth:`open`."""
+
+    def __init__(self, blockmap: BlockMap, tiers: Iterable[Tier], size: int) -> None:
+        self.size = size
+        self._map = blockmap
+        self._tiers: dict[int, Tier] = {tier.tier_id: tier for tier in tiers}
+        self._placement = [self._tiers[i] for i in (TIER_RAM, TIER_DISK) if i in self._tiers]
+        self._batch: _Batch | None = None
+        self._sync_waiters: list[asyncio.Future] = []
+        self._sync_task: asyncio.Task | None = None
+        self._closed = False
+        self._mapped = self._zero = self._same_filled = self._lost = 0
+
+    # --- opening ----------------------------------------------------------------
+
+    @classmethod
+    def open(cls, state_dir: Path, *, size: int, ram_max: int, disk_max: int) -> Store:
+        """Open the store in ``state_dir``, creating it if the directory is new.
+
+        Rebuilds the tier allocators and counters from the map; RAM entries whose arena
+        is gone are marked lost.  Raises :class:`StateDirError` for a directory that is
+        not an nbdswap state directory or cannot take ``size``.
+        """
+        if size <= 0:
+            raise ValueError("size must be positive")
+        state_dir = Path(state_dir)
+        blockmap = _open_map(state_dir, size)
+        tiers: list[Tier] = []
+        try:
+            for tier_class, capacity in zip(LOCAL_TIERS, (ram_max, disk_max)):
+                tier = tier_class.open(state_dir, capacity, blockmap.arena_id(tier_class.name))
+                if tier is not None:
+                    tiers.append(tier)
+            store = cls(blockmap, tiers, size)
+            store._rebuild()
+        except lmdb.Error as error:
+            _close_all(blockmap, tiers)
+            raise StateDirError(f"the block map in {state_dir} is damaged: {error}") from error
+        except BaseException:
+            _close_all(blockmap, tiers)
+            raise
+        return store
+
+    def _rebuild(self) -> None:
+        """Replay the map into the tier allocators and counters (one pass)."""
+        started = time.monotonic()
+        lost: dict[int, Entry] = {}
+        for block, entry in self._map.items():
+            if entry.is_stored and not self._adopt(block, entry):
+                entry = lost[block] = entry._replace(flags=entry.flags | LOST)
+            self._count(entry, 1)
+        if lost:
+            self._map.commit(lost)
+            log.error("%d blocks lost their data; they read as I/O errors until rewritten", len(lost))
+        for tier in self._tiers.values():
+            if tier.fresh and tier.arena_id is not None:
+                self._map.set_arena_id(tier.name, tier.arena_id)
+        self._map.sync()
+        log.info("block map: %d blocks rebuilt in %.2f s", self._mapped, time.monotonic() - started)
+
+    def _adopt(self, block: int, entry: Entry) -> bool:
+        """Record a stored entry in its tier; False when its data is gone."""
+        tier = self._tiers.get(entry.tier)
+        if tier is None:
+            return True  # not configured now: reads fail, the data stays for later
+        if tier.fresh:
+            return False
+        try:
+            tier.mark_used(entry.addr, entry.length)
+        except ValueError as error:
+            log.error("block %d: %s", block, error)
+            return False
+        return True
+
+    # --- the block device API ---------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> bytes:
+        """Bytes of the range; unmapped blocks read as zeros.
+
+        Raises :class:`CorruptBlockError` for a block whose data cannot be trusted.
+        """
+        parts = []
+        for block, start, end in _split(offset, length):
+            _, page = await self._read_block(block)
+            parts.append(page if end - start == BLOCK_SIZE else page[start:end])
+        return b"".join(parts)
+
+    async def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
+        """Store ``data`` at ``offset``; returns once the new entries are committed.
+
+        A mutable buffer is copied first: the write may await between its blocks.
+        """
+        view = memoryview(data if isinstance(data, bytes) else bytes(data))
+        batches = []
+        position = 0
+        for block, start, end in _split(offset, len(view)):
+            chunk = bytes(view[position : position + end - start])
+            position += end - start
+            if len(chunk) == BLOCK_SIZE:
+                batches.append(self._stage(block, await self._store_page(chunk)))
+            else:
+                batches.append(await self._write_partial(block, start, chunk))
+        await self._settle(batches, fua)
+
+    async def write_zeroes(
+        self, offset: int, length: int, *, may_trim: bool = True, fua: bool = False
+    ) -> None:
+        """Zero the range: whole blocks are unmapped (``may_trim``) or become zero entries."""
+        await self._set_whole_blocks(offset, length, None if may_trim else ZERO_ENTRY)
+        batches = [
+            await self._write_partial(block, start, bytes(end - start))
+            for block, start, end in _partial_edges(offset, length)
+        ]
+        await self._settle(batches, fua)
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        """Unmap the blocks wholly inside the range; partial edge blocks keep their data."""
+        await self._set_whole_blocks(offset, length, None)
+        await self._settle([], fua)
+
+    async def flush(self) -> None:
+        """Make everything acknowledged so far survive a host crash (RAM tier excepted)."""
+        if self._batch is not None:
+            await self._settle([self._batch], fua=False)
+        await self._durable()
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """``base:allocation`` extents ``(length, flags)`` covering exactly the range."""
+        end = offset + length
+        extents: list[list[int]] = []
+        position = offset
+        for block, entry in self._entries_in(offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE):
+            start = max(block * BLOCK_SIZE, offset)
+            _add_extent(extents, start - position, HOLE | ZERO)
+            position = min((block + 1) * BLOCK_SIZE, end)
+            _add_extent(extents, position - start, ZERO if entry.is_zero else 0)
+        _add_extent(extents, end - position, HOLE | ZERO)
+        return [(run_length, flags) for run_length, flags in extents]
+
+    async def move(self, block: int, to_tier: str) -> bool:
+        """Move a stored block's data to ``to_tier``; False if there was nothing to move
+        or the block changed meanwhile (the copy is then discarded)."""
+        target = self._tier_named(to_tier)
+        entry = self._current(block)
+        if entry is None or not entry.is_stored or entry.tier == target.tier_id:
+            return False
+        source = self._tiers.get(entry.tier)
+        if source is None:
+            return False
+        payload = await source.get(entry.addr, entry.length)
+        moved = entry._replace(tier=target.tier_id, addr=await target.put(payload))
+        batch = self._stage_if(block, entry, moved)
+        if batch is None:
+            target.free(moved.addr, moved.length)
+            return False
+        await self._settle([batch], fua=False)
+        return True
+
+    def stats(self) -> dict:
+        empty = dict.fromkeys(("blocks", "stored_bytes", "used_bytes", "capacity_bytes", "slab_bytes"), 0)
+        tiers = {tier_class.name: dict(empty) for tier_class in LOCAL_TIERS}
+        for tier in self._tiers.values():
+            tiers[tier.name] = tier.stats()
+        return {
+            "tiers": tiers,
+            "map": {"blocks": self._mapped, "bytes": self._map.bytes},
+            "zero_blocks": self._zero,
+            "same_filled_blocks": self._same_filled,
+            "lost_blocks": self._lost,
+        }
+
+    @property
+    def instance_id(self) -> str:
+        """A random id of this state directory, fixed when it was created."""
+        return self._map.instance_id
+
+    async def close(self) -> None:
+        """Commit what is staged, make it durable, and close the map and tiers."""
+        if self._closed:
+            return
+        try:
+            await self.flush()
+        finally:
+            self._closed = True
+            self._map.close()
+            for tier in self._tiers.values():
+                tier.close()
+
+    # --- reading ------------------------------------------------------------------
+
+    def _current(self, block: int) -> Entry | None:
+        """The block's entry, staged or committed."""
+        batch = self._batch
+        if batch is not None and block in batch.changes:
+            return batch.changes[block]
+        return self._map.get(block)
+
+    async def _read_block(self, block: int) -> tuple[Entry | None, bytes]:
+        """The block's current entry and page."""
+        while True:
+            entry = self._current(block)
+            try:
+                return entry, await self._load(block, entry)
+            except CorruptBlockError:
+                # A concurrent write may have replaced the entry and reused its slot
+                # while the tier read was in flight; then the new entry is the answer.
+                if self._current(block) == entry:
+                    raise
+
+    async def _load(self, block: int, entry: Entry | None) -> bytes:
+        if entry is None or entry.is_zero:
+            return ZERO_PAGE
+        if entry.flags & SAME_FILLED:
+            return same_filled_page(entry.addr)
+        if entry.flags & LOST:
+            raise CorruptBlockError(f"block {block} was lost with its tier's data (e.g. RAM after a reboot)")
+        tier = self._tiers.get(entry.tier)
+        if tier is None:
+            raise TierUnavailableError(f"block {block} is on tier {entry.tier}, which is not configured")
+        payload = await tier.get(entry.addr, entry.length)
+        try:
+            return decode_payload(payload, bool(entry.flags & COMPRESSED), entry.checksum)
+        except DecodeError as error:
+            raise CorruptBlockError(f"block {block} on the {tier.name} tier: {error}") from None
+
+    def _entries_in(self, first: int, last: int) -> Iterator[tuple[int, Entry]]:
+        """Current entries of blocks ``first..last`` in block order (staged ones win)."""
+        staged = self._batch.changes if self._batch is not None else {}
+        overlay = sorted(
+            (block, entry) for block, entry in staged.items() if first <= block <= last and entry is not None
+        )
+        committed = ((block, entry) for block, entry in self._map.items(first, last) if block not in staged)
+        return heapq.merge(committed, overlay, key=operator.itemgetter(0))
+
+    # --- writing ------------------------------------------------------------------
+
+    async def _store_page(self, page: bytes) -> Entry:
+        """Encode a page and put its payload into a tier; the entry describing it."""
+        encoded = encode(page)
+        if encoded.kind == PageKind.ZERO:
+            return ZERO_ENTRY
+        if encoded.kind == PageKind.SAME_FILLED:
+            return Entry(TIER_NONE, SAME_FILLED, 0, 0, encoded.word)
+        payload = encoded.payload
+        for tier in self._placement:
+            if tier.has_room(len(payload)):
+                try:
+                    addr = await tier.put(payload)
+                except NoSpaceError:
+                    continue
+                flags = COMPRESSED if encoded.kind == PageKind.COMPRESSED else 0
+                return Entry(tier.tier_id, flags, len(payload), encoded.checksum, addr)
+        raise NoSpaceError("every tier is full")
+
+    async def _write_partial(self, block: int, start: int, chunk: bytes) -> _Batch:
+        """Read-modify-write part of a block, retrying if the block changes meanwhile."""
+        while True:
+            entry, page = await self._read_block(block)
+            updated = await self._store_page(page[:start] + chunk + page[start + len(chunk) :])
+            batch = self._stage_if(block, entry, updated)
+            if batch is not None:
+                return batch
+            self._discard(updated)
+
+    async def _set_whole_blocks(self, offset: int, length: int, entry: Entry | None) -> None:
+        """Give every block wholly inside the range ``entry`` (``None`` unmaps).
+
+        Commits every :data:`WHOLE_BLOCK_CHUNK` blocks, so that a range of any size
+        takes bounded memory and lets other requests in between.
+        """
+        blocks = _whole_blocks(offset, length)
+        for first in range(blocks.start, blocks.stop, WHOLE_BLOCK_CHUNK):
+            last = min(first + WHOLE_BLOCK_CHUNK, blocks.stop) - 1
+            if entry is None:  # only mapped blocks need a change
+                targets: Iterable[int] = [block for block, _ in self._entries_in(first, last)]
+            else:
+                targets = range(first, last + 1)
+            await self._settle([self._stage(block, entry) for block in targets], fua=False)
+
+    def _tier_named(self, name: str) -> Tier:
+        for tier in self._tiers.values():
+            if tier.name == name:
+                return tier
+        raise ValueError(f"no tier named {name!r} is configured")
+
+    def _discard(self, entry: Entry | None) -> None:
+        """Free the tier slot of an entry nobody can see any more."""
+        if entry is not None and entry.is_stored and entry.tier in self._tiers:
+            try:
+                self._tiers[entry.tier].free(entry.addr, entry.length)
+            except ValueError:
+                log.exception("tier slot of %r was already free", entry)
+
+    # --- staging and grouped commits ----------------------------------------------
+
+    def _stage(self, block: int, entry: Entry | None) -> _Batch:
+        """Stage ``entry`` as the block's new entry; returns the batch to wait for."""
+        return self._replace(block, self._current(block), entry)
+
+    def _stage_if(self, block: int, expected: Entry | None, entry: Entry | None) -> _Batch | None:
+        """Compare-and-swap: stage ``entry`` only if the block's entry is still
+        ``expected``; returns the batch to wait for, or ``None`` if refused."""
+        old = self._current(block)
+        return self._replace(block, old, entry) if old == expected else None
+
+    def _replace(self, block: int, old: Entry | None, entry: Entry | None) -> _Batch:
+        batch = self._batch
+        if batch is None:
+            batch = self._batch = _Batch()
+            asyncio.get_running_loop().call_soon(self._commit)
+        batch.base.setdefault(block, old)
+        batch.changes[block] = entry
+        if old is not None and old.is_stored:
+            batch.replaced.append((block, old))
+        self._count(old, -1)
+        self._count(entry, 1)
+        return batch
+
+    def _commit(self) -> None:
+        """Write the staged batch in one transaction, then free what it replaced."""
+        batch, self._batch = self._batch, None
+        try:
+            self._map.commit(batch.changes)
+        except (lmdb.Error, OSError) as error:
+            self._roll_back(batch)
+            log.error("block map commit failed: %s", error)
+            batch.finish(f"block map commit failed: {error}")
+            return
+        for _, entry in batch.replaced:
+            self._discard(entry)
+        batch.finish(None)
+
+    def _roll_back(self, batch: _Batch) -> None:
+        """Undo a batch that could not be committed: the map keeps its entries."""
+        for block, entry in batch.changes.items():
+            self._count(entry, -1)
+            self._count(batch.base[block], 1)
+            if entry is not batch.base[block]:
+                self._discard(entry)
+        for block, entry in batch.replaced:
+            if entry is not batch.base[block]:
+                self._discard(entry)
+
+    async def _settle(self, batches: list[_Batch], fua: bool) -> None:
+        """Wait until the batches are committed (and durable, with ``fua``)."""
+        for batch in dict.fromkeys(batches):
+            if not batch.done:
+                waiter = asyncio.get_running_loop().create_future()
+                batch.waiters.append(waiter)
+                await waiter
+            elif batch.error is not None:
+                raise StoreError(batch.error)
+        if fua:
+            await self._durable()
+
+    async def _durable(self) -> None:
+        """Sync the map and tiers; callers arriving during a sync share the next one."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._sync_waiters.append(waiter)
+        if self._sync_task is None:
+            self._sync_task = asyncio.get_running_loop().create_task(self._sync_loop())
+        await waiter
+
+    async def _sync_loop(self) -> None:
+        try:
+            while self._sync_waiters:
+                waiters, self._sync_waiters = self._sync_waiters, []
+                try:
+                    await self._sync_all()
+                except StoreError as error:
+                    outcome: StoreError | None = error
+                else:
+                    outcome = None
+                for waiter in waiters:
+                    if waiter.done():
+                        continue
+                    if outcome is None:
+                        waiter.set_result(None)
+                    else:
+                        waiter.set_exception(StoreError(str(outcome)))
+        finally:
+            self._sync_task = None
+
+    async def _sync_all(self) -> None:
+        loop = asyncio.get_running_loop()
+        results = await asyncio.gather(
+            loop.run_in_executor(None, self._map.sync),
+            *(tier.sync() for tier in self._tiers.values()),
+            return_exceptions=True,
+        )
+        for error in results:
+            if isinstance(error, Exception):
+                raise StoreError(f"sync failed: {error}") from error
+
+    # --- counters -----------------------------------------------------------------
+
+    def _count(self, entry: Entry | None, sign: int) -> None:
+        if entry is None:
+            return
+        self._mapped += sign
+        if entry.is_zero:
+            self._zero += sign
+        elif entry.flags & SAME_FILLED:
+            self._same_filled += sign
+        elif entry.flags & LOST:
+            self._lost += sign
+
+
+def _split(offset: int, length: int) -> Iterator[tuple[int, int, int]]:
+    """``(block, start, end)`` for each block the byte range touches."""
+    end = offset + length
+    while offset < end:
+        block, start = divmod(offset, BLOCK_SIZE)
+        stop = min(BLOCK_SIZE, start + end - offset)
+        yield block, start, stop
+        offset += stop - start
+
+
+def _partial_edges(offset: int, length: int) -> list[tuple[int, int, int]]:
+    """``(block, start, end)`` of the (at most two) blocks the range covers only in part."""
+    end = offset + length
+    edges = []
+    block, start = divmod(offset, BLOCK_SIZE)
+    if start:
+        edges.append((block, start, min(BLOCK_SIZE, start + length)))
+    last, stop = divmod(end, BLOCK_SIZE)
+    if stop and (not edges or last != block):
+        edges.append((last, 0, stop))
+    return edges
+
+
+def _whole_blocks(offset: int, length: int) -> range:
+    """The blocks that lie wholly inside the byte range."""
+    return range(-(-offset // BLOCK_SIZE), (offset + length) // BLOCK_SIZE)
+
+
+def _add_extent(extents: list[list[int]], length: int, flags: int) -> None:
+    if length <= 0:
+        return
+    if extents and extents[-1][1] == flags:
+        extents[-1][0] += length
+    else:
+        extents.append([length, flags])
+
+
+def _close_all(blockmap: BlockMap, tiers: Iterable[Tier]) -> None:
+    for tier in tiers:
+        tier.close()
+    blockmap.close()
+
+
+def _open_map(state_dir: Path, size: int) -> BlockMap:
+    path = state_dir / MAP_FILE
+    if not path.exists():
+        _check_new_state_dir(state_dir)
+        return BlockMap.create(path, size)
+    blockmap = BlockMap.open(path)
+    try:
+        _resize(blockmap, size, state_dir)
+    except BaseException:
+        blockmap.close()
+        raise
+    return blockmap
+
+
+def _check_new_state_dir(state_dir: Path) -> None:
+    """Refuse to create a store among files that are not ours (or left from a lost map)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    strangers = sorted(
+        entry.name
+        for entry in state_dir.iterdir()
+        if entry.name not in STATE_DIR_FILES and not entry.is_dir()
+    )
+    if DISK_FILE in strangers:
+        raise StateDirError(f"{state_dir} has a disk tier but no block map ({MAP_FILE}): it is damaged")
+    if strangers:
+        shown = ", ".join(strangers[:5]) + (", …" if len(strangers) > 5 else "")
+        raise StateDirError(f"{state_dir} is not an nbdswap state directory (it contains {shown})")
+
+
+def _resize(blockmap: BlockMap, size: int, state_dir: Path) -> None:
+    old_size = blockmap.size
+    if size == old_size:
+        return
+    last = blockmap.last_block()
+    if size < old_size and last is not None and last * BLOCK_SIZE >= size:
+        raise StateDirError(
+            f"{state_dir} holds data up to byte {(last + 1) * BLOCK_SIZE}, beyond the new size {size}; "
+            f"use at least that size (it was {old_size}) or a new state directory"
+        )
+    blockmap.size = size

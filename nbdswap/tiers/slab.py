@@ -1,0 +1,399 @@
+"""A size-class slab allocator and the file-backed tier built on it (RAM and disk).
+
+The space is cut into 64 KiB slabs.  A slab in use holds slots of one size class (48
+classes, multiples of 64 bytes up to 4096), so a payload wastes on average about 32
+bytes of rounding (more for the largest payloads, where only 16..20 fit a slab) plus
+the slab's unusable tail (at most 2.5 %).  Per slab the allocator keeps one byte
+per slot (free slots are found with ``bytearray.find`` at C speed), a 16-bit use count
+and a class byte; per class the slabs with free slots, grouped by fullness.  There is no
+Python object per payload.  A slab whose last slot is freed goes back to the pool (so the classes
+rebalance) and the tier releases its memory.
+
+An address is the byte offset of the slot in the tier's data area, so a slab and slot
+can be derived from it and from the payload's length (which determines its class).
+"""
+
+from __future__ import annotations
+
+import abc
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import struct
+import uuid
+from array import array
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import NoSpaceError, StoreError
+from . import Tier
+
+log = logging.getLogger(__name__)
+
+SLAB_SIZE = 64 * 1024
+GRANULE = 64
+MAX_PAYLOAD = 4096
+CLASS_COUNT = MAX_PAYLOAD // GRANULE
+#: Partially used slabs are grouped by fullness in this many groups per class.
+FULLNESS_GROUPS = 4
+
+
+def _merged_classes() -> list[int]:
+    """Class index (slot size in granules) for each payload size in granules.
+
+    A size is served by the largest multiple of GRANULE that still fits as many slots
+    into a slab (as zsmalloc merges its classes): it costs no memory, and fewer
+    classes leave fewer partially filled slabs.
+    """
+    merged = [0]
+    for granules in range(1, CLASS_COUNT + 1):
+        slots = SLAB_SIZE // (granules * GRANULE)
+        merged.append(SLAB_SIZE // slots // GRANULE)
+    return merged
+
+
+_CLASS_OF = _merged_classes()
+
+
+def size_class(length: int) -> int:
+    """The class index (1..CLASS_COUNT) of a payload; its slots are ``index*GRANULE``."""
+    if not 0 < length <= MAX_PAYLOAD:
+        raise ValueError(f"payload length {length} outside 1..{MAX_PAYLOAD}")
+    return _CLASS_OF[(length + GRANULE - 1) // GRANULE]
+
+
+def slots_per_slab(cls: int) -> int:
+    return SLAB_SIZE // (cls * GRANULE)
+
+
+def _slot_of(addr: int, cls: int) -> tuple[int, int]:
+    """Slab and slot of ``addr`` if it is a slot boundary of class ``cls``."""
+    slab, offset = divmod(addr, SLAB_SIZE)
+    slot, misalignment = divmod(offset, cls * GRANULE)
+    if misalignment or slot >= slots_per_slab(cls):
+        raise ValueError(f"address {addr} is not a slot of class {cls}")
+    return slab, slot
+
+
+def _ignore_slab(slab: int) -> None:
+    """Default slab hook."""
+
+
+class SlabAllocator:
+    """Allocates slots in ``capacity // SLAB_SIZE`` slabs.
+
+    Partially used slabs of a class are kept in :data:`FULLNESS_GROUPS` sets by how
+    full they are, and a new payload goes into the fullest one (as zsmalloc does), so
+    sparse slabs drain and are released instead of staying a little used forever.
+
+    ``on_new_slab(slab)`` runs before a slab is first used for a class and may raise
+    :class:`NoSpaceError` to refuse it; ``on_empty_slab(slab)`` runs after a slab's
+    last slot was freed.  Slabs beyond the capacity (left over from a larger earlier
+    capacity and recorded with :meth:`mark_used`) are used until they drain but never
+    receive new payloads.
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        on_new_slab: Callable[[int], None] = _ignore_slab,
+        on_empty_slab: Callable[[int], None] = _ignore_slab,
+    ) -> None:
+        self.slab_limit = capacity // SLAB_SIZE
+        self._on_new_slab = on_new_slab
+        self._on_empty_slab = on_empty_slab
+        self._classes = bytearray(self.slab_limit)  # class index per slab, 0 = free
+        self._used = array("H", bytes(2 * self.slab_limit))  # used slots per slab
+        self._slots: dict[int, bytearray] = {}  # slab -> one byte per slot, 1 = used
+        # per class, per fullness group (emptiest first): slabs with free slots
+        self._partial = [[set() for _ in range(FULLNESS_GROUPS)] for _ in range(CLASS_COUNT + 1)]
+        self._free_hint = 0  # every slab below this index is in use
+        self.blocks = 0
+        self.stored_bytes = 0
+        self.used_bytes = 0
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.slab_limit * SLAB_SIZE
+
+    @property
+    def slab_bytes(self) -> int:
+        """Bytes of the slabs in use (the memory or disk space the tier occupies)."""
+        return len(self._slots) * SLAB_SIZE
+
+    def has_room(self, length: int) -> bool:
+        return any(self._partial[size_class(length)]) or self._find_free_slab() >= 0
+
+    def alloc(self, length: int) -> int:
+        """Reserve a slot for a payload of ``length`` bytes and return its address."""
+        cls = size_class(length)
+        slab = self._fullest_partial(cls)
+        if slab is None:
+            slab = self._new_slab(cls)
+        slots = self._slots[slab]
+        slot = slots.find(0)
+        slots[slot] = 1
+        self._set_used(slab, cls, self._used[slab] + 1)
+        self._count(length, cls, 1)
+        return slab * SLAB_SIZE + slot * cls * GRANULE
+
+    def free(self, addr: int, length: int) -> None:
+        cls = size_class(length)
+        slab, slot = self._locate(addr, cls)
+        slots = self._slots[slab]
+        if not slots[slot]:
+            raise ValueError(f"double free of address {addr}")
+        slots[slot] = 0
+        self._count(length, cls, -1)
+        self._set_used(slab, cls, self._used[slab] - 1)
+
+    def mark_used(self, addr: int, length: int) -> None:
+        """Record an existing payload (start-up rebuild from the block map)."""
+        cls = size_class(length)
+        slab, slot = _slot_of(addr, cls)
+        self._grow_to(slab + 1)
+        if not self._classes[slab]:
+            self._assign(slab, cls)
+        elif self._classes[slab] != cls:
+            raise ValueError(f"address {addr} lies in a slab of another class than {cls}")
+        slots = self._slots[slab]
+        if slots[slot]:
+            raise ValueError(f"address {addr} is recorded twice")
+        slots[slot] = 1
+        self._set_used(slab, cls, self._used[slab] + 1)
+        self._count(length, cls, 1)
+
+    def _fullest_partial(self, cls: int) -> int | None:
+        for group in reversed(self._partial[cls]):
+            if group:
+                return group.pop()
+        return None
+
+    def _set_used(self, slab: int, cls: int, used: int) -> None:
+        """Change a slab's use count, keeping its fullness group (or releasing it)."""
+        slots = len(self._slots[slab])
+        before = self._used[slab]
+        self._used[slab] = used
+        groups = self._partial[cls]
+        if 0 < before < slots:
+            groups[before * FULLNESS_GROUPS // slots].discard(slab)
+        if used == 0:
+            self._release(slab)
+        elif used < slots and slab < self.slab_limit:
+            groups[used * FULLNESS_GROUPS // slots].add(slab)
+
+    def _locate(self, addr: int, cls: int) -> tuple[int, int]:
+        """Slab and slot of an allocated address."""
+        slab, slot = _slot_of(addr, cls)
+        if slab >= len(self._classes) or self._classes[slab] != cls:
+            raise ValueError(f"address {addr} is not in a slab of class {cls}")
+        return slab, slot
+
+    def _count(self, length: int, cls: int, sign: int) -> None:
+        self.blocks += sign
+        self.stored_bytes += sign * length
+        self.used_bytes += sign * cls * GRANULE
+
+    def _find_free_slab(self) -> int:
+        slab = self._classes.find(0, self._free_hint, self.slab_limit)
+        self._free_hint = self.slab_limit if slab < 0 else slab
+        return slab
+
+    def _new_slab(self, cls: int) -> int:
+        slab = self._find_free_slab()
+        if slab < 0:
+            raise NoSpaceError("no free slab")
+        self._on_new_slab(slab)
+        self._assign(slab, cls)
+        return slab
+
+    def _assign(self, slab: int, cls: int) -> None:
+        self._classes[slab] = cls
+        self._slots[slab] = bytearray(slots_per_slab(cls))
+
+    def _release(self, slab: int) -> None:
+        del self._slots[slab]
+        self._classes[slab] = 0
+        if slab < self.slab_limit:
+            self._free_hint = min(self._free_hint, slab)
+        self._on_empty_slab(slab)
+
+    def _grow_to(self, slabs: int) -> None:
+        missing = slabs - len(self._classes)
+        if missing > 0:
+            self._classes.extend(bytes(missing))
+            self._used.frombytes(bytes(2 * missing))
+
+
+# --- arena files --------------------------------------------------------------------
+
+#: The data area starts after one page of header.
+HEADER_SIZE = 4096
+_MAGIC = b"NBDSWAPA"
+_HEADER_VERSION = 1
+_HEADER = struct.Struct("<8sI16s36s")
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Give the storage of a file range back to the filesystem (tmpfs or disk).
+
+    Freeing space is an optimisation: failures are logged, not raised.
+    """
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length):
+        error = ctypes.get_errno()
+        log.warning("cannot punch a hole in fd %d: %s", fd, os.strerror(error))
+
+
+class Arena:
+    """An open arena file: a header naming the tier and a random arena id, then data.
+
+    The block map records the arena id; a file whose id differs (or a missing file)
+    means the data the map points at is gone.
+    """
+
+    def __init__(self, fd: int, arena_id: str, fresh: bool) -> None:
+        self.fd = fd
+        self.arena_id = arena_id
+        #: True when the file was (re)created, so the map's entries for it are lost.
+        self.fresh = fresh
+        #: Bytes of the data area (the file is sparse).
+        self.size = os.fstat(fd).st_size - HEADER_SIZE
+
+    @classmethod
+    def open(cls, path: Path, tier: str, arena_id: str | None, size: int, *, create: bool) -> Arena | None:
+        """Open the arena at ``path`` if its id is ``arena_id``, else create a new one.
+
+        Returns ``None`` instead of creating when ``create`` is false.  The data area
+        is grown (never shrunk) to ``size`` bytes.
+        """
+        fd = _open_matching(path, tier, arena_id) if arena_id else None
+        fresh = fd is None
+        if fresh:
+            if not create:
+                return None
+            fd, arena_id = _create(path, tier)
+        if os.fstat(fd).st_size < HEADER_SIZE + size:
+            os.ftruncate(fd, HEADER_SIZE + size)
+        return cls(fd, arena_id, fresh)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _open_matching(path: Path, tier: str, arena_id: str) -> int | None:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        log.warning("%s is missing; the %s tier's data is lost", path, tier)
+        return None
+    if _read_header(fd, tier) == arena_id:
+        return fd
+    os.close(fd)
+    log.warning("%s belongs to another arena; the %s tier's data is lost", path, tier)
+    return None
+
+
+def _read_header(fd: int, tier: str) -> str | None:
+    raw = os.pread(fd, _HEADER.size, 0)
+    if len(raw) != _HEADER.size:
+        return None
+    magic, version, name, arena_id = _HEADER.unpack(raw)
+    if magic != _MAGIC or version != _HEADER_VERSION or name.rstrip(b"\0") != tier.encode():
+        return None
+    return arena_id.decode("ascii", errors="replace")
+
+
+def _create(path: Path, tier: str) -> tuple[int, str]:
+    """Replace ``path`` with a new, empty arena file and return it and its id.
+
+    A new inode, so that a stale mapping of the old file can never see new data.
+    """
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    arena_id = str(uuid.uuid4())
+    header = _HEADER.pack(_MAGIC, _HEADER_VERSION, tier.encode(), arena_id.encode())
+    os.pwrite(fd, header.ljust(HEADER_SIZE, b"\0"), 0)
+    return fd, arena_id
+
+
+class SlabTier(Tier):
+    """A tier storing payloads in the slabs of one arena file.
+
+    Subclasses provide the I/O (:meth:`_write`, :meth:`get`, :meth:`sync`) and may
+    reserve storage when a slab is first used (:meth:`_reserve_slab`).
+    """
+
+    def __init__(self, arena: Arena, capacity: int) -> None:
+        self.arena = arena
+        self.allocator = SlabAllocator(capacity, self._reserve_slab, self._release_slab)
+
+    @property
+    def fresh(self) -> bool:
+        return self.arena.fresh
+
+    @property
+    def arena_id(self) -> str:
+        return self.arena.arena_id
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.allocator.capacity_bytes
+
+    @property
+    def blocks(self) -> int:
+        return self.allocator.blocks
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.allocator.stored_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        return self.allocator.used_bytes
+
+    def stats(self) -> dict[str, int]:
+        return {**super().stats(), "slab_bytes": self.allocator.slab_bytes}
+
+    def has_room(self, nbytes: int) -> bool:
+        return self.allocator.has_room(nbytes)
+
+    async def put(self, data: bytes) -> int:
+        addr = self.allocator.alloc(len(data))
+        try:
+            self._write(addr, data)
+        except BaseException:
+            self.allocator.free(addr, len(data))
+            raise
+        return addr
+
+    def free(self, addr: int, length: int) -> None:
+        self.allocator.free(addr, length)
+
+    def mark_used(self, addr: int, length: int) -> None:
+        if addr + length > self.arena.size:
+            raise ValueError(f"address {addr} lies beyond the end of {self.name}'s arena")
+        self.allocator.mark_used(addr, length)
+
+    @abc.abstractmethod
+    def _write(self, addr: int, data: bytes) -> None:
+        """Write a payload into its slot; OSErrors go through :func:`raise_for_os_error`."""
+
+    def _reserve_slab(self, slab: int) -> None:
+        """Called before a slab is first used; may raise NoSpaceError."""
+
+    def _release_slab(self, slab: int) -> None:
+        punch_hole(self.arena.fd, HEADER_SIZE + slab * SLAB_SIZE, SLAB_SIZE)
+
+
+def raise_for_os_error(error: OSError, what: str) -> None:
+    """Re-raise an I/O error as the store error the device maps to an NBD errno."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise NoSpaceError(f"{what}: {error.strerror}") from error
+    raise StoreError(f"{what}: {error.strerror}") from error

@@ -1,0 +1,405 @@
+"""The slab allocator and the RAM and disk tiers."""
+
+import errno
+import os
+import random
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
+
+from nbdswap.errors import NoSpaceError, StoreError
+from nbdswap.tiers.disk import DISK_FILE, DiskTier
+from nbdswap.tiers.ram import RamTier, arena_path
+from nbdswap.tiers.slab import (
+    GRANULE,
+    HEADER_SIZE,
+    SLAB_SIZE,
+    SlabAllocator,
+    punch_hole,
+    size_class,
+    slots_per_slab,
+)
+
+
+@pytest.mark.parametrize(
+    ("length", "cls"), [(1, 1), (64, 1), (65, 2), (2368, 37), (2369, 39), (3600, 60), (4033, 64), (4096, 64)]
+)
+def test_size_class(length, cls):
+    assert size_class(length) == cls
+
+
+@pytest.mark.parametrize("length", [0, -1, 4097])
+def test_size_class_rejects_impossible_lengths(length):
+    with pytest.raises(ValueError):
+        size_class(length)
+
+
+def test_classes_are_merged_and_waste_little():
+    classes = {size_class(length) for length in range(1, 4097)}
+    assert len(classes) == 48
+    for cls in classes:
+        assert SLAB_SIZE - slots_per_slab(cls) * cls * GRANULE <= SLAB_SIZE * 0.025
+        # a slot one granule larger would not fit as many times into a slab
+        assert cls == 64 or slots_per_slab(cls + 1) < slots_per_slab(cls)
+
+
+def _slot(addr, length):
+    return addr, addr + size_class(length) * GRANULE
+
+
+class AllocatorMachine(RuleBasedStateMachine):
+    """Random allocs, frees and rebuilds never hand out overlapping slots."""
+
+    CAPACITY = 6 * SLAB_SIZE
+    payloads = Bundle("payloads")
+
+    def __init__(self):
+        super().__init__()
+        self.released = []
+        self.allocator = self._new_allocator()
+        self.live = {}  # addr -> length
+
+    def _new_allocator(self):
+        return SlabAllocator(self.CAPACITY, on_empty_slab=self.released.append)
+
+    @rule(target=payloads, length=st.one_of(st.integers(1, 4096), st.sampled_from([64, 1000, 4096])))
+    def alloc(self, length):
+        try:
+            addr = self.allocator.alloc(length)
+        except NoSpaceError:
+            assert not self.allocator.has_room(length)
+            return None
+        assert addr not in self.live
+        self.live[addr] = length
+        return addr
+
+    @rule(addr=consumes(payloads))
+    def free(self, addr):
+        if addr is None:
+            return
+        self.allocator.free(addr, self.live.pop(addr))
+
+    @rule()
+    def rebuild(self):
+        rebuilt = self._new_allocator()
+        for addr, length in random.Random(len(self.live)).sample(sorted(self.live.items()), len(self.live)):
+            rebuilt.mark_used(addr, length)
+        assert (rebuilt.blocks, rebuilt.stored_bytes, rebuilt.used_bytes, rebuilt.slab_bytes) == (
+            self.allocator.blocks,
+            self.allocator.stored_bytes,
+            self.allocator.used_bytes,
+            self.allocator.slab_bytes,
+        )
+        self.allocator = rebuilt
+
+    @invariant()
+    def slots_do_not_overlap_and_fit(self):
+        slots = sorted(_slot(addr, length) for addr, length in self.live.items())
+        for (_, end), (start, _) in zip(slots, slots[1:]):
+            assert end <= start
+        for start, end in slots:
+            assert start // SLAB_SIZE == (end - 1) // SLAB_SIZE  # never straddles a slab
+            assert end <= self.CAPACITY
+
+    @invariant()
+    def counters_match(self):
+        allocator = self.allocator
+        assert allocator.blocks == len(self.live)
+        assert allocator.stored_bytes == sum(self.live.values())
+        assert allocator.used_bytes == sum(size_class(n) * GRANULE for n in self.live.values())
+        slabs = {addr // SLAB_SIZE for addr in self.live}
+        assert allocator.slab_bytes == len(slabs) * SLAB_SIZE
+
+
+TestAllocator = AllocatorMachine.TestCase
+TestAllocator.settings = settings(max_examples=60, stateful_step_count=80, deadline=None)
+
+
+def test_full_allocator_raises_and_recovers():
+    allocator = SlabAllocator(2 * SLAB_SIZE)
+    addrs = [allocator.alloc(4096) for _ in range(32)]
+    assert not allocator.has_room(4096)
+    assert not allocator.has_room(64)
+    with pytest.raises(NoSpaceError):
+        allocator.alloc(64)
+    allocator.free(addrs[5], 4096)
+    assert allocator.has_room(4050)
+    assert not allocator.has_room(100)  # the other slabs are all of the 4096 class
+    assert allocator.alloc(4050) == addrs[5]
+
+
+def test_empty_slab_is_released_and_reused_for_another_class():
+    released, reserved = [], []
+    allocator = SlabAllocator(SLAB_SIZE, on_new_slab=reserved.append, on_empty_slab=released.append)
+    first = allocator.alloc(4096)
+    assert reserved == [0]
+    allocator.free(first, 4096)
+    assert released == [0]
+    assert allocator.slab_bytes == 0
+    small = [allocator.alloc(64) for _ in range(1024)]
+    assert len(set(small)) == 1024
+    assert reserved == [0, 0]
+
+
+def test_refused_new_slab_leaves_no_trace():
+    def refuse(slab):
+        raise NoSpaceError("no memory")
+
+    allocator = SlabAllocator(SLAB_SIZE, on_new_slab=refuse)
+    with pytest.raises(NoSpaceError):
+        allocator.alloc(100)
+    assert (allocator.blocks, allocator.slab_bytes) == (0, 0)
+
+
+def test_free_and_mark_used_detect_inconsistencies():
+    allocator = SlabAllocator(4 * SLAB_SIZE)
+    addr = allocator.alloc(1000)
+    with pytest.raises(ValueError):
+        allocator.free(addr, 64)  # another class
+    with pytest.raises(ValueError):
+        allocator.free(addr + 1, 1000)  # not a slot boundary
+    with pytest.raises(ValueError):
+        allocator.free(3 * SLAB_SIZE, 1000)  # unused slab
+    with pytest.raises(ValueError):
+        allocator.mark_used(addr, 1000)  # recorded twice
+    with pytest.raises(ValueError):
+        allocator.mark_used(addr + 1024, 64)  # class conflict within the slab
+    allocator.free(addr, 1000)
+    with pytest.raises(ValueError):
+        allocator.free(addr, 1000)  # double free
+
+
+def test_slabs_beyond_a_reduced_capacity_drain():
+    allocator = SlabAllocator(SLAB_SIZE)
+    far = 5 * SLAB_SIZE + 2 * 4096
+    allocator.mark_used(far, 4096)
+    assert allocator.blocks == 1
+    allocator.mark_used(far - 4096, 4096)
+    addrs = [allocator.alloc(4096) for _ in range(16)]
+    assert all(addr < SLAB_SIZE for addr in addrs)
+    with pytest.raises(NoSpaceError):
+        allocator.alloc(4096)
+    allocator.free(far, 4096)
+    allocator.free(far - 4096, 4096)
+    assert allocator.slab_bytes == SLAB_SIZE
+    with pytest.raises(NoSpaceError):
+        allocator.alloc(4096)
+
+
+# --- tiers -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def state_dir(tmp_path):
+    yield tmp_path
+    arena_path(tmp_path).unlink(missing_ok=True)
+
+
+TIER_CLASSES = [RamTier, DiskTier]
+
+
+def _payloads(count, seed=0):
+    rng = random.Random(seed)
+    return [rng.randbytes(rng.choice([1, 63, 64, 65, 700, 2048, 4095, 4096])) for _ in range(count)]
+
+
+def _tier_file(tier_class, state_dir):
+    return arena_path(state_dir) if tier_class is RamTier else state_dir / DISK_FILE
+
+
+@pytest.mark.parametrize("tier_class", TIER_CLASSES)
+async def test_round_trip_and_reopen(tier_class, state_dir):
+    tier = tier_class.open(state_dir, 1 << 20, None)
+    assert tier.fresh
+    payloads = _payloads(100)
+    addrs = [await tier.put(payload) for payload in payloads]
+    assert tier.blocks == 100
+    assert tier.stored_bytes == sum(map(len, payloads))
+    for addr, payload in zip(addrs, payloads):
+        assert await tier.get(addr, len(payload)) == payload
+    await tier.sync()
+    arena_id = tier.arena_id
+    tier.close()
+
+    tier = tier_class.open(state_dir, 1 << 20, arena_id)
+    assert not tier.fresh and tier.arena_id == arena_id
+    for addr, payload in zip(addrs, payloads):
+        tier.mark_used(addr, len(payload))
+        assert await tier.get(addr, len(payload)) == payload
+    new = await tier.put(b"x" * 100)
+    assert new not in addrs
+    tier.close()
+
+
+@pytest.mark.parametrize("tier_class", TIER_CLASSES)
+async def test_foreign_or_missing_arena_is_fresh(tier_class, state_dir):
+    tier = tier_class.open(state_dir, 1 << 20, None)
+    await tier.put(b"data")
+    tier.close()
+    other = tier_class.open(state_dir, 1 << 20, "some-other-arena")
+    assert other.fresh and other.arena_id != "some-other-arena"
+    assert other.blocks == 0
+    other.close()
+    _tier_file(tier_class, state_dir).unlink()
+    again = tier_class.open(state_dir, 1 << 20, other.arena_id)
+    assert again.fresh
+    again.close()
+
+
+@pytest.mark.parametrize("tier_class", TIER_CLASSES)
+def test_disabled_tier_opens_only_an_existing_arena(tier_class, state_dir):
+    assert tier_class.open(state_dir, 0, None) is None
+    assert not _tier_file(tier_class, state_dir).exists()
+    tier = tier_class.open(state_dir, 1 << 20, None)
+    tier.close()
+    disabled = tier_class.open(state_dir, 0, tier.arena_id)
+    assert disabled.capacity_bytes == 0 and not disabled.has_room(1)
+    disabled.mark_used(SLAB_SIZE, 4096)  # data of the earlier capacity stays readable
+    disabled.close()
+
+
+@pytest.mark.parametrize("tier_class", TIER_CLASSES)
+async def test_full_tier_raises_no_space(tier_class, state_dir):
+    tier = tier_class.open(state_dir, SLAB_SIZE, None)
+    for _ in range(16):
+        await tier.put(bytes(4096))
+    assert not tier.has_room(4096)
+    with pytest.raises(NoSpaceError):
+        await tier.put(bytes(4096))
+    tier.close()
+
+
+@pytest.mark.parametrize("tier_class", TIER_CLASSES)
+async def test_mark_used_beyond_the_arena_is_refused(tier_class, state_dir):
+    tier = tier_class.open(state_dir, SLAB_SIZE, None)
+    with pytest.raises(ValueError):
+        tier.mark_used(SLAB_SIZE, 64)
+    tier.close()
+
+
+@pytest.mark.parametrize("tier_class", TIER_CLASSES)
+async def test_emptied_slabs_give_their_storage_back(tier_class, state_dir):
+    tier = tier_class.open(state_dir, 64 * SLAB_SIZE, None)
+    path = _tier_file(tier_class, state_dir)
+    rng = random.Random(3)
+    addrs = [await tier.put(rng.randbytes(4096)) for _ in range(16 * 32)]
+    await tier.sync()
+    full = os.stat(path).st_blocks * 512
+    assert full >= 32 * SLAB_SIZE
+    for addr in addrs:
+        tier.free(addr, 4096)
+    assert tier.stats()["slab_bytes"] == 0
+    assert os.stat(path).st_blocks * 512 <= HEADER_SIZE + SLAB_SIZE
+    tier.close()
+
+
+async def test_disk_reads_fall_back_to_a_thread(state_dir):
+    tier = DiskTier.open(state_dir, 1 << 20, None)
+    payloads = _payloads(20, seed=4)
+    addrs = [await tier.put(payload) for payload in payloads]
+    tier._nowait = False
+    for addr, payload in zip(addrs, payloads):
+        assert await tier.get(addr, len(payload)) == payload
+    tier.close()
+
+
+def test_ram_arena_name_depends_on_the_state_dir(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert arena_path(first) != arena_path(second)
+    assert arena_path(first) == arena_path(tmp_path / "x" / ".." / "a")
+    assert arena_path(first).name.startswith("nbdswap-")
+
+
+# --- failures --------------------------------------------------------------------
+
+
+def _os_error(code):
+    def fail(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    return fail
+
+
+@pytest.mark.parametrize(("code", "error"), [(errno.ENOSPC, NoSpaceError), (errno.EIO, StoreError)])
+async def test_disk_write_errors_free_the_slot(state_dir, monkeypatch, code, error):
+    tier = DiskTier.open(state_dir, 1 << 20, None)
+    monkeypatch.setattr(os, "pwrite", _os_error(code))
+    with pytest.raises(error):
+        await tier.put(b"data")
+    assert tier.blocks == 0 and tier.stats()["slab_bytes"] == 0
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: len(data) - 1)
+    with pytest.raises(StoreError, match="short write"):
+        await tier.put(b"data")
+    assert tier.blocks == 0
+    tier.close()
+
+
+async def test_disk_read_and_sync_errors(state_dir, monkeypatch):
+    tier = DiskTier.open(state_dir, 1 << 20, None)
+    addr = await tier.put(b"payload")
+    monkeypatch.setattr(os, "preadv", _os_error(errno.EOPNOTSUPP))
+    assert await tier.get(addr, 7) == b"payload"  # through a worker thread
+    assert not tier._nowait
+    monkeypatch.setattr(os, "pread", _os_error(errno.EIO))
+    with pytest.raises(StoreError, match="disk tier read"):
+        await tier.get(addr, 7)
+    monkeypatch.setattr(os, "pread", lambda fd, length, offset: b"short")
+    with pytest.raises(StoreError, match="short read"):
+        await tier.get(addr, 7)
+    monkeypatch.setattr(os, "fdatasync", _os_error(errno.EIO))
+    with pytest.raises(StoreError, match="disk tier sync"):
+        await tier.sync()
+    tier._nowait = True
+    monkeypatch.setattr(os, "preadv", _os_error(errno.EBADF))
+    with pytest.raises(StoreError):
+        await tier.get(addr, 7)
+    tier.close()
+
+
+@pytest.mark.parametrize(("code", "error"), [(errno.ENOSPC, NoSpaceError), (errno.EBADF, OSError)])
+async def test_full_shared_memory_is_no_space(state_dir, monkeypatch, code, error):
+    tier = RamTier.open(state_dir, 1 << 20, None)
+    monkeypatch.setattr(os, "posix_fallocate", _os_error(code))
+    with pytest.raises(error):
+        await tier.put(b"data")
+    assert tier.blocks == 0 and tier.stats()["slab_bytes"] == 0
+    tier.close()
+
+
+def test_failed_hole_punch_is_only_logged(caplog):
+    punch_hole(-1, 0, SLAB_SIZE)
+    assert "cannot punch a hole" in caplog.text
+
+
+async def test_disk_read_of_uncached_data_goes_through_a_thread(state_dir, monkeypatch):
+    tier = DiskTier.open(state_dir, 1 << 20, None)
+    payloads = _payloads(10, seed=5)
+    addrs = [await tier.put(payload) for payload in payloads]
+    await tier.sync()
+    os.posix_fadvise(tier.arena.fd, 0, 0, os.POSIX_FADV_DONTNEED)  # drop the clean pages
+    threaded = []
+    real_pread = os.pread
+    monkeypatch.setattr(os, "pread", lambda *args: (threaded.append(args), real_pread(*args))[1])
+    for addr, payload in zip(addrs, payloads):
+        assert await tier.get(addr, len(payload)) == payload
+    assert threaded and tier._nowait
+    tier.close()
+
+
+@pytest.mark.parametrize("tier_class", TIER_CLASSES)
+def test_truncated_arena_file_is_fresh(tier_class, state_dir):
+    tier = tier_class.open(state_dir, 1 << 20, None)
+    tier.close()
+    os.truncate(_tier_file(tier_class, state_dir), 10)
+    again = tier_class.open(state_dir, 1 << 20, tier.arena_id)
+    assert again.fresh
+    again.close()
+
+
+def test_misaligned_mark_used_assigns_no_slab():
+    allocator = SlabAllocator(4 * SLAB_SIZE)
+    with pytest.raises(ValueError):
+        allocator.mark_used(SLAB_SIZE + 100, 1000)
+    assert allocator.slab_bytes == 0
