@@ -581,16 +581,22 @@ def _decode_string(data: bytes) -> str:
     return text
 
 
-def _parse_info_request(data: bytes) -> tuple[str, set[int]]:
-    """NBD_OPT_INFO/GO: name length, name, count of info requests, the requests."""
-    if len(data) < 6:
+def _parse_export_name(data: bytes, fixed_after: int) -> tuple[str, int]:
+    """A 32-bit length and that many bytes of name, followed by ``fixed_after`` bytes
+    at least; returns the name and the position after it."""
+    if len(data) < 4 + fixed_after:
         raise _InvalidOption("option data too short")
     (name_length,) = _U32.unpack_from(data, 0)
-    if name_length > len(data) - 6:
+    if name_length > len(data) - 4 - fixed_after:
         raise _InvalidOption("export name length exceeds the option")
-    name = _decode_string(data[4:4 + name_length])
-    (count,) = _U16.unpack_from(data, 4 + name_length)
-    rest = data[6 + name_length:]
+    return _decode_string(data[4:4 + name_length]), 4 + name_length
+
+
+def _parse_info_request(data: bytes) -> tuple[str, set[int]]:
+    """NBD_OPT_INFO/GO: name length, name, count of info requests, the requests."""
+    name, position = _parse_export_name(data, 2)
+    (count,) = _U16.unpack_from(data, position)
+    rest = data[position + 2:]
     if len(rest) != 2 * count:
         raise _InvalidOption("information request count does not match the option length")
     return name, {value for (value,) in struct.iter_unpack(">H", rest)}
@@ -598,13 +604,7 @@ def _parse_info_request(data: bytes) -> tuple[str, set[int]]:
 
 def _parse_meta_context_request(data: bytes) -> tuple[str, list[str]]:
     """LIST/SET_META_CONTEXT: name length, name, query count, (length, query)…"""
-    if len(data) < 8:
-        raise _InvalidOption("option data too short")
-    (name_length,) = _U32.unpack_from(data, 0)
-    if name_length > len(data) - 8:
-        raise _InvalidOption("export name length exceeds the option")
-    name = _decode_string(data[4:4 + name_length])
-    position = 4 + name_length
+    name, position = _parse_export_name(data, 4)
     (count,) = _U32.unpack_from(data, position)
     position += 4
     queries = []
