@@ -14,7 +14,7 @@ VM_DIR := build/vm
 # busybox for the VM end-to-end test, a C toolchain for its static memory hog.
 APT_PACKAGES := python3-venv libnbd-bin python3-libnbd qemu-utils nbdkit nbd-client fio \
 	qemu-system-x86 busybox-static cpio kmod iproute2 gcc libc6-dev \
-	ca-certificates procps
+	redis-server redis-tools prometheus python3-yaml ca-certificates procps
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 

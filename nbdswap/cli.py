@@ -32,14 +32,96 @@ def _add_serve(subparsers) -> None:
     serve.add_argument("--disk-max", help="disk tier capacity, e.g. 8G (0 disables it)")
     serve.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus /metrics here")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    _add_security_flags(serve)
+    _add_remote_flags(serve)
+    serve.add_argument("--policy", dest="policy_set", action="append", metavar="KEY=VALUE",
+                       help="a policy setting (repeatable; see `nbdswap policy show`), over [policy] in --config")
     serve.set_defaults(run=_cmd_serve)
+
+
+#: ``serve`` settings of the remote tier (ServeConfig field names).
+REMOTE_SETTINGS = ("remote", "remote_max", "remote_pool", "remote_timeout",
+                   "remote_command_timeout", "remote_retry_interval", "remote_prefix")
+
+
+def _add_remote_flags(serve) -> None:
+    remote = serve.add_argument_group("remote tier (Redis/Valkey)")
+    remote.add_argument("--remote", metavar="URL",
+                        help="redis://HOST:PORT/DB, rediss://..., redis+cluster://HOST:PORT or "
+                             "redis+sentinel://HOST:PORT[,...]/SERVICE[/DB]; blocks go there when "
+                             "RAM and disk are full")
+    remote.add_argument("--remote-max", metavar="SIZE",
+                        help="bytes of keys and values the tier may keep in Redis (default 16G)")
+    remote.add_argument("--remote-pool", type=int, metavar="N",
+                        help="Redis commands in flight, and connections per node (default 16)")
+    remote.add_argument("--remote-timeout", type=float, metavar="SECONDS",
+                        help="how long a read of a remote block retries before failing with EIO (default 5)")
+    remote.add_argument("--remote-command-timeout", type=float, metavar="SECONDS",
+                        help="connect and reply timeout of one Redis command (default 1)")
+    remote.add_argument("--remote-retry-interval", type=float, metavar="SECONDS",
+                        help="pause between retries and health probes while Redis is down (default 0.2)")
+    remote.add_argument("--remote-prefix", metavar="TEXT",
+                        help="start of every key, before {INSTANCE:SEGMENT} (default nbdswap:)")
+
+
+#: ``serve`` settings of limits, access control and TLS (ServeConfig field names).
+SECURITY_SETTINGS = ("handshake_timeout", "max_option_length", "max_connections",
+                     "max_connections_per_peer", "max_in_flight", "allow", "socket_mode",
+                     "socket_group", "tls", "tls_cert", "tls_key", "tls_ca", "tls_verify_peer")
+
+
+def _add_security_flags(serve) -> None:
+    limits = serve.add_argument_group("limits (each logs a line when it triggers)")
+    limits.add_argument("--handshake-timeout", type=float, metavar="SECONDS",
+                        help="close connections not in transmission after this long (default 10)")
+    limits.add_argument("--max-option-length", metavar="SIZE",
+                        help="longer handshake options are skipped unread and refused (default 64K)")
+    limits.add_argument("--max-connections", type=int, metavar="N", help="in total (default 256)")
+    limits.add_argument("--max-connections-per-peer", type=int, metavar="N",
+                        help="per TCP address or per local user on Unix sockets (default 64)")
+    limits.add_argument("--max-in-flight", metavar="SIZE",
+                        help="stop reading a connection while its requests hold this much data (default 64M)")
+    access = serve.add_argument_group("access control and TLS")
+    access.add_argument("--allow", action="append", metavar="CIDR",
+                        help="TCP clients must come from this network (repeatable; default: any)")
+    access.add_argument("--socket-mode", metavar="OCTAL", help="mode of Unix sockets (default 0660)")
+    access.add_argument("--socket-group", metavar="GROUP", help="group of Unix sockets")
+    access.add_argument("--tls", choices=["off", "on", "require"],
+                        help="offer NBD_OPT_STARTTLS (on) or insist on it (require); default off")
+    access.add_argument("--tls-cert", type=Path, metavar="PEM", help="server certificate (chain)")
+    access.add_argument("--tls-key", type=Path, metavar="PEM", help="server private key")
+    access.add_argument("--tls-ca", type=Path, metavar="PEM", help="CA that signs client certificates")
+    access.add_argument("--tls-verify-peer", action="store_true", default=None,
+                        help="require a client certificate signed by --tls-ca")
 
 
 def _add_status(subparsers) -> None:
     status = subparsers.add_parser("status", help="show what a running server holds")
     status.add_argument("--state-dir", type=Path, default=Path("var"))
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                        help="sample twice this far apart to show recent rates (0: totals only)")
     status.set_defaults(run=_cmd_status)
+
+
+def _add_attach(subparsers) -> None:
+    attach = subparsers.add_parser(
+        "attach", help="connect /dev/nbdX to an export and keep it connected across server restarts")
+    attach.add_argument("server", metavar="SERVER",
+                        help="tcp://HOST:PORT, unix:///PATH or HOST[:PORT] (port 10809)")
+    attach.add_argument("device", metavar="DEVICE", help="/dev/nbdN")
+    attach.add_argument("-N", "--name", default="swap", help="export name (default swap)")
+    attach.add_argument("-b", "--block-size", type=int, default=4096, help="block size (default 4096)")
+    attach.add_argument("-C", "--connections", type=int, default=1, help="sockets per device")
+    attach.add_argument("-t", "--timeout", type=int, default=0,
+                        help="seconds after which the kernel gives up on a slow connection and "
+                             "waits for a new one (default 0: never, requests just wait)")
+    attach.add_argument("--dead-conn-timeout", type=int, default=3600,
+                        help="seconds I/O waits for a reconnection before failing (default 3600)")
+    attach.set_defaults(run=_cmd_attach)
+    detach = subparsers.add_parser("detach", help="disconnect /dev/nbdX")
+    detach.add_argument("device", metavar="DEVICE", help="/dev/nbdN")
+    detach.set_defaults(run=_cmd_detach)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(required=True, metavar="COMMAND")
     _add_serve(subparsers)
     _add_status(subparsers)
+    _add_attach(subparsers)
+    _add_policy_commands(subparsers)
     return parser
 
 
@@ -66,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     overrides = {key: getattr(args, key) for key in
                  ("listen", "export", "description", "size", "state_dir", "ram_max",
-                  "disk_max", "metrics", "log_level")}
+                  "disk_max", "metrics", "log_level", "policy_set") + SECURITY_SETTINGS + REMOTE_SETTINGS}
     config = ServeConfig.load(args.config, overrides)
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -107,46 +191,88 @@ def _install_uvloop() -> None:
 async def _serve(config: ServeConfig) -> None:
     from .device import BlockDevice
     from .errors import StateDirError
+    from .policy import Policy
     from .server import NBDServer
     from .store import Store
 
+    policy = config.server_policy()
     try:
-        store = Store.open(config.state_dir, size=config.size,
-                           ram_max=config.ram_max, disk_max=config.disk_max)
+        store = Store.open(config.state_dir, size=config.size, ram_max=config.ram_max,
+                           disk_max=config.disk_max, remote=config.remote_settings())
     except StateDirError as error:
         raise ConfigError(str(error)) from None
     device = BlockDevice(store, config.export, config.size, config.description)
-    server = NBDServer(device)
+    server = NBDServer(device, policy)
+    engine = Policy(store, config.policy_settings())
     started = time.time()
 
     def status(_request: dict) -> dict:
         return {**store.stats(), **device.status(),
                 "connections": len(server.connections),
                 "uptime_seconds": round(time.time() - started, 3),
-                "version": __version__}
+                "version": __version__, "policy": engine.stats()}
 
-    admin_server = admin.AdminServer(config.state_dir, {"status": status})
+    admin_server = admin.AdminServer(config.state_dir, {"status": status, **engine.admin_handlers()})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    metrics = None
     try:
+        engine.start()
         for address in config.listen_addresses:
-            await server.listen(address)
+            try:
+                await server.listen(address)
+            except OSError as error:
+                raise ConfigError(f"cannot listen on {address}: {error.strerror or error}") from None
             print(f"nbdswap: serving export {config.export!r} ({config.size} bytes) on {address}",
                   flush=True)
         await admin_server.start()
         if config.metrics:
-            from .metrics import serve_metrics
-            serve_metrics(config.metrics, device, store, server)
+            from .metrics import MetricsEndpoint
+            metrics = MetricsEndpoint(config.metrics, device, store, server)
             print(f"nbdswap: metrics on http://{config.metrics}/metrics", flush=True)
         await stop.wait()
         log.info("shutting down: finishing in-flight requests")
     finally:
         await server.shutdown()
+        await engine.stop()
+        if metrics is not None:
+            await asyncio.to_thread(metrics.close)
         await admin_server.stop()
         await store.close()
     log.info("stopped")
+
+
+# --- attach / detach -----------------------------------------------------------
+
+
+def _cmd_attach(args: argparse.Namespace) -> int:
+    from .attach import AttachOptions, device_index, run_attach
+
+    logging.basicConfig(level="INFO", stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        index = device_index(args.device)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    return run_attach(AttachOptions(
+        server=args.server, index=index, export=args.name, block_size=args.block_size,
+        connections=args.connections, timeout=args.timeout,
+        dead_connection_timeout=args.dead_conn_timeout))
+
+
+def _cmd_detach(args: argparse.Namespace) -> int:
+    from .attach import detach, device_index
+
+    try:
+        detach(device_index(args.device))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    except OSError as error:
+        print(f"nbdswap detach: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 # --- status --------------------------------------------------------------------
@@ -158,8 +284,54 @@ def _cmd_status(args: argparse.Namespace) -> int:
         json.dump(status, sys.stdout, indent=2, sort_keys=True)
         print()
     else:
-        from .status_view import render_status
-        render_status(status)
+        from .status_view import show_status
+        show_status(status, lambda: admin.request(args.state_dir, "status"), args.interval)
+    return 0
+
+
+# --- drain / undrain / policy --------------------------------------------------
+
+
+def _add_policy_commands(subparsers) -> None:
+    drain = subparsers.add_parser("drain", help="move every block off a tier while I/O goes on")
+    drain.add_argument("tier", choices=["ram", "disk", "remote"])
+    drain.add_argument("--state-dir", type=Path, default=Path("var"))
+    drain.add_argument("--no-wait", action="store_true", help="start the drain and return")
+    drain.set_defaults(run=_cmd_drain)
+    undrain = subparsers.add_parser("undrain", help="let a drained tier take new blocks again")
+    undrain.add_argument("tier", choices=["ram", "disk", "remote"])
+    undrain.add_argument("--state-dir", type=Path, default=Path("var"))
+    undrain.set_defaults(run=lambda args: _print_json(admin.request(args.state_dir, "undrain", tier=args.tier)))
+    policy = subparsers.add_parser("policy", help="show or change the running server's policy")
+    actions = policy.add_subparsers(required=True, metavar="ACTION")
+    show = actions.add_parser("show", help="print every policy setting")
+    show.add_argument("--state-dir", type=Path, default=Path("var"))
+    show.set_defaults(run=lambda args: _print_json(admin.request(args.state_dir, "policy_show")["settings"]))
+    change = actions.add_parser("set", help="change one setting until the server stops")
+    change.add_argument("key")
+    change.add_argument("value")
+    change.add_argument("--state-dir", type=Path, default=Path("var"))
+    change.set_defaults(run=lambda args: _print_json(
+        admin.request(args.state_dir, "policy_set", key=args.key, value=args.value)["settings"]))
+
+
+def _print_json(value: dict) -> int:
+    json.dump(value, sys.stdout, indent=2, sort_keys=True)
+    print()
+    return 0
+
+
+def _cmd_drain(args: argparse.Namespace) -> int:
+    report = admin.request(args.state_dir, "drain", tier=args.tier)
+    if args.no_wait:
+        return _print_json(report)
+    from .drain_view import follow_drain
+
+    final = follow_drain(args.tier, report, lambda: admin.request(args.state_dir, "status"))
+    if final["state"] != "drained":
+        print(f"nbdswap drain: {final.get('error') or 'the drain stopped'}", file=sys.stderr)
+        return 1
+    print(f"nbdswap: tier {args.tier} is drained; it takes no new blocks until `nbdswap undrain {args.tier}`")
     return 0
 
 

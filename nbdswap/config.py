@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import grp
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .server import ListenAddress
+from .addresses import ListenAddress
 
 DEFAULT_LISTEN = "tcp://127.0.0.1:10809"
+TLS_MODES = ("off", "on", "require")
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -35,6 +38,17 @@ def parse_host_port(value: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def _group_id(group: str | int | None) -> int | None:
+    """The gid of a group given by name or number."""
+    if group is None:
+        return None
+    group = str(group)
+    try:
+        return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"socket-group: no group named {group!r}") from None
+
+
 @dataclass
 class ServeConfig:
     """Everything ``nbdswap serve`` needs; file keys equal the long flag names."""
@@ -48,6 +62,31 @@ class ServeConfig:
     disk_max: int = 4 << 30
     metrics: str | None = None
     log_level: str = "info"
+    # limits, access control and TLS of the NBD listeners (see server.ServerPolicy)
+    handshake_timeout: float = 10.0
+    max_option_length: int = 64 << 10
+    max_connections: int = 256
+    max_connections_per_peer: int = 64
+    max_in_flight: int = 64 << 20
+    allow: list[str] = field(default_factory=list)
+    socket_mode: int = 0o660
+    socket_group: str | None = None
+    tls: str = "off"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    tls_verify_peer: bool = False
+    # the remote tier (see tiers.remote.RemoteSettings); off without ``remote``
+    remote: str | None = None
+    remote_max: int = 16 << 30
+    remote_pool: int = 16
+    remote_timeout: float = 5.0
+    remote_command_timeout: float = 1.0
+    remote_retry_interval: float = 0.2
+    remote_prefix: str = "nbdswap:"
+    # the policy engine: a ``[policy]`` table, then ``--policy KEY=VALUE`` flags on top
+    policy: dict = field(default_factory=dict)
+    policy_set: list[str] = field(default_factory=list)
 
     @classmethod
     def load(cls, path: Path | None, overrides: dict) -> ServeConfig:
@@ -86,10 +125,133 @@ class ServeConfig:
             raise ConfigError("size must be a positive multiple of 4096 (e.g. --size 4G)")
         if self.ram_max < 0 or self.disk_max < 0:
             raise ConfigError("tier sizes cannot be negative")
-        if self.ram_max + self.disk_max == 0:
-            raise ConfigError("at least one tier needs space (--ram-max or --disk-max)")
+        if self.ram_max + self.disk_max == 0 and self.remote is None:
+            raise ConfigError("at least one tier needs space (--ram-max, --disk-max or --remote)")
         if self.metrics is not None:
             parse_host_port(self.metrics)
+        self._normalise_limits()
+        self._normalise_access()
+        self._normalise_tls()
+        self._normalise_remote()
+        self._normalise_policy()
+
+    def _normalise_limits(self) -> None:
+        self.max_option_length = parse_size(self.max_option_length)
+        self.max_in_flight = parse_size(self.max_in_flight)
+        if not isinstance(self.handshake_timeout, (int, float)) or self.handshake_timeout <= 0:
+            raise ConfigError("handshake-timeout must be a positive number of seconds")
+        if not 512 <= self.max_option_length <= 16 << 20:
+            raise ConfigError("max-option-length must be between 512 and 16M")
+        if self.max_in_flight <= 0:
+            raise ConfigError("max-in-flight must be positive")
+        for name in ("max_connections", "max_connections_per_peer"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be a positive integer")
+
+    def _normalise_access(self) -> None:
+        self.allow = [self.allow] if isinstance(self.allow, str) else list(self.allow)
+        for cidr in self.allow:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ConfigError(f"allow: {cidr!r} is not an address or CIDR network") from None
+        if isinstance(self.socket_mode, str):
+            try:
+                self.socket_mode = int(self.socket_mode, 8)
+            except ValueError:
+                raise ConfigError(f"socket-mode {self.socket_mode!r} is not octal (e.g. 0660)") from None
+        if not 0 <= self.socket_mode <= 0o777:
+            raise ConfigError(f"socket-mode {self.socket_mode:o} is not a permission mode (e.g. 0660)")
+        _group_id(self.socket_group)  # an unknown group is refused here, not at listen time
+
+    def _normalise_tls(self) -> None:
+        if self.tls not in TLS_MODES:
+            raise ConfigError(f"tls must be one of {', '.join(TLS_MODES)}, not {self.tls!r}")
+        for name in ("tls_cert", "tls_key", "tls_ca"):
+            if getattr(self, name) is not None:
+                setattr(self, name, Path(getattr(self, name)))
+        if self.tls != "off" and (self.tls_cert is None or self.tls_key is None):
+            raise ConfigError(f"tls={self.tls} needs --tls-cert and --tls-key")
+        if self.tls_verify_peer and self.tls_ca is None:
+            raise ConfigError("tls-verify-peer needs --tls-ca, the CA that signs client certificates")
+        if self.tls_ca is not None and not self.tls_verify_peer:
+            raise ConfigError("tls-ca is only used to verify client certificates: add --tls-verify-peer")
+
+    def _normalise_remote(self) -> None:
+        self.remote_max = parse_size(self.remote_max)
+        if self.remote is not None:
+            from .tiers.remote import check_url
+
+            try:
+                check_url(self.remote)
+            except ValueError as error:
+                raise ConfigError(f"remote: {error}") from None
+        if self.remote_max <= 0:
+            raise ConfigError("remote-max must be positive")
+        if not isinstance(self.remote_pool, int) or self.remote_pool < 1:
+            raise ConfigError("remote-pool must be a positive integer")
+        for name in ("remote_timeout", "remote_command_timeout", "remote_retry_interval"):
+            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
+                raise ConfigError(f"{name.replace('_', '-')} must be a positive number of seconds")
+        if not self.remote_prefix:
+            raise ConfigError("remote-prefix must not be empty")
+
+    def _normalise_policy(self) -> None:
+        from .policy import PolicyError, PolicySettings
+
+        try:
+            values = dict(self.policy)
+            for item in self.policy_set:
+                name, sep, value = item.partition("=")
+                if not sep:
+                    raise PolicyError(f"--policy {item!r}: expected KEY=VALUE")
+                values[name.strip().replace("-", "_")] = value.strip()
+            settings = PolicySettings.from_mapping(values)
+        except PolicyError as error:
+            raise ConfigError(f"policy: {error}") from None
+        self.policy = settings.as_dict()
+
+    def policy_settings(self):
+        """The :class:`~nbdswap.policy.PolicySettings` of these settings."""
+        from .policy import PolicySettings
+
+        return PolicySettings(**self.policy)
+
+    def remote_settings(self):
+        """The :class:`~nbdswap.tiers.remote.RemoteSettings`, or ``None`` without a remote tier."""
+        if self.remote is None:
+            return None
+        from .tiers.remote import RemoteSettings
+
+        return RemoteSettings(
+            url=self.remote, max_bytes=self.remote_max, pool=self.remote_pool,
+            timeout=float(self.remote_timeout), command_timeout=float(self.remote_command_timeout),
+            retry_interval=float(self.remote_retry_interval), prefix=self.remote_prefix)
+
+    def server_policy(self):
+        """The :class:`~nbdswap.server.ServerPolicy` of these settings (loads the TLS
+        certificate and key)."""
+        from .protocol import TlsMode
+        from .server import ServerPolicy, tls_server_context
+
+        context = None
+        if self.tls != "off":
+            try:
+                context = tls_server_context(self.tls_cert, self.tls_key, self.tls_ca, self.tls_verify_peer)
+            except (OSError, ValueError) as error:
+                raise ConfigError(f"cannot load the TLS certificate, key or CA: {error}") from None
+        return ServerPolicy(
+            handshake_timeout=float(self.handshake_timeout),
+            max_option_length=self.max_option_length,
+            max_connections=self.max_connections,
+            max_connections_per_peer=self.max_connections_per_peer,
+            max_in_flight=self.max_in_flight,
+            allow=tuple(ipaddress.ip_network(cidr, strict=False) for cidr in self.allow),
+            socket_mode=self.socket_mode,
+            socket_gid=_group_id(self.socket_group),
+            tls=TlsMode(self.tls),
+            tls_context=context,
+        )
 
     @property
     def listen_addresses(self) -> list[ListenAddress]:

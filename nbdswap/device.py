@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from time import perf_counter_ns
 from typing import TYPE_CHECKING
 
 from .errors import CorruptBlockError, NoSpaceError, StoreError
+from .metrics import LatencyHistogram
 from .protocol import BASE_ALLOCATION_CONTEXT_ID, Command, CommandFlag, Errno, Export, Request
 
 if TYPE_CHECKING:
@@ -58,9 +60,12 @@ class BlockDevice:
         self.requests: Counter[str] = Counter()
         self.request_bytes: Counter[str] = Counter()
         self.errors: Counter[tuple[str, str]] = Counter()
+        self.latency = {name: LatencyHistogram() for name in OPERATION_NAMES.values()}
+        self.corrupt_block_errors = 0
 
     async def execute(self, request: Request, connection: ServerConnection) -> None:
         """Run ``request`` and queue its reply on ``connection``."""
+        started = perf_counter_ns()
         operation = OPERATION_NAMES[request.command]
         self.requests[operation] += 1
         self.request_bytes[operation] += request.length
@@ -70,6 +75,7 @@ class BlockDevice:
             errno = self._errno_for(error, request)
             self.errors[(operation, errno.name)] += 1
             connection.reply_error(request, errno, str(error) or type(error).__name__)
+        self.latency[operation].observe(perf_counter_ns() - started)
 
     def count_rejected(self, command: int, error: Errno) -> None:
         """Count a request the protocol layer refused."""
@@ -79,11 +85,11 @@ class BlockDevice:
             operation = "unknown"
         self.errors[(operation, error.name)] += 1
 
-    @staticmethod
-    def _errno_for(error: Exception, request: Request) -> Errno:
+    def _errno_for(self, error: Exception, request: Request) -> Errno:
         if isinstance(error, NoSpaceError):
             return Errno.ENOSPC
         if isinstance(error, CorruptBlockError):
+            self.corrupt_block_errors += 1
             log.error("%r: %s", request, error)
             return Errno.EIO
         if isinstance(error, (StoreError, OSError)):
@@ -144,4 +150,6 @@ class BlockDevice:
             "requests": {name: self.requests[name] for name in OPERATION_NAMES.values()},
             "request_bytes": {name: self.request_bytes[name] for name in OPERATION_NAMES.values()},
             "errors": errors,
+            "request_seconds": {name: histogram.sum_ns / 1e9 for name, histogram in self.latency.items()},
+            "corrupt_block_errors": self.corrupt_block_errors,
         }

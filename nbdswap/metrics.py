@@ -1,11 +1,48 @@
-"""Prometheus metrics, read from the live device, store and server on each scrape."""
+"""Prometheus metrics, read from the live device, store and server on each scrape.
+
+``--metrics HOST:PORT`` serves ``/metrics`` from a thread of its own.  Nothing is
+pushed into a metrics library on the request path except one latency observation
+per request (:class:`LatencyHistogram`: a bisect and two integer additions); every
+other value is read from the objects' own counters when Prometheus scrapes.  The
+scrape thread only copies plain dicts, lists and integers (each copy is atomic
+under the GIL) and calls :meth:`Store.stats`, which reads counters and LMDB's
+environment info (thread-safe in LMDB); ``stats()`` must stay that cheap.
+
+``Store.stats()`` is exported generically, so a tier or field added there (the
+remote tier, its health, watermarks) appears without changes here:
+
+* ``stats["tiers"][TIER][FIELD]`` → ``nbdswap_tier_FIELD{tier="TIER"}``
+* ``stats[SECTION][FIELD]`` (a dict of numbers, e.g. ``map``) → ``nbdswap_SECTION_FIELD``
+* ``stats[FIELD]`` (a number) → ``nbdswap_FIELD``
+
+Numbers and booleans (as 0/1) are exported; a field whose name ends in ``_total`` is
+a counter, every other one a gauge; strings and deeper nesting are not exported.
+Fields are named in base units (``_bytes``, ``_seconds``) and never per block.
+
+Not exported because nothing produces them yet; they come with the policy engine
+(issue 4): ``nbdswap_moves_total{from,to,reason}``, ``nbdswap_clean_copy_hits_total
+{tier}``, ``nbdswap_drains_in_progress{tier}`` and the policy state.  Per-tier
+values (watermarks, drain progress) belong in the tier's ``stats()`` dict; labelled
+counters such as moves get a family method of their own next to
+:meth:`NbdswapCollector._request_families`.
+"""
 
 from __future__ import annotations
 
+import sys
+from bisect import bisect_left
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.utils import floatToGoString
 
 from . import __version__
 from .config import parse_host_port
@@ -14,6 +51,61 @@ if TYPE_CHECKING:
     from .device import BlockDevice
     from .server import NBDServer
     from .store import Store
+
+#: Upper bounds of the request latency buckets: a zero or same-filled page is
+#: answered in microseconds, a compressed RAM page in tens of them, disk in
+#: hundreds of microseconds to milliseconds.
+LATENCY_BUCKETS_SECONDS = (5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3,
+                           5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0)
+_BUCKET_BOUNDS_NS = tuple(round(bound * 1e9) for bound in LATENCY_BUCKETS_SECONDS)
+_BUCKET_LABELS = tuple(floatToGoString(bound) for bound in LATENCY_BUCKETS_SECONDS) + ("+Inf",)
+
+#: The logical size of every block the store holds.
+BLOCK_BYTES = 4096
+
+#: Error series exported at zero before the first error, so that ``increase()`` in
+#: alert rules sees the first ENOSPC or EIO too.
+EXPECTED_ERRORS = tuple((op, "EIO") for op in ("read", "write", "flush", "trim", "write_zeroes")) + (
+    ("write", "ENOSPC"), ("write_zeroes", "ENOSPC"))
+
+_TIER_HELP = {
+    "blocks": "Blocks whose data the tier holds",
+    "stored_bytes": "Bytes of the payloads the tier holds (after compression)",
+    "used_bytes": "Bytes of the tier's slots holding payloads, rounding included",
+    "capacity_bytes": "Bytes of payload slots the tier may allocate",
+    "slab_bytes": "Bytes of the slabs the tier has in use (its memory or file footprint)",
+    "logical_bytes": "Bytes the tier's blocks hold before compression (blocks x 4096)",
+}
+_STORE_HELP = {
+    "map_blocks": "Blocks with an entry in the block map",
+    "map_bytes": "Size of the block map on disk",
+    "zero_blocks": "Mapped blocks that are all zeros (no tier data)",
+    "same_filled_blocks": "Mapped blocks filled with one repeated word (no tier data)",
+    "lost_blocks": "Blocks whose tier data was lost (e.g. RAM after a reboot); they read as EIO",
+}
+
+
+class LatencyHistogram:
+    """Request durations in fixed buckets, cheap enough to record on every request."""
+
+    __slots__ = ("counts", "sum_ns")
+
+    def __init__(self) -> None:
+        self.counts = [0] * len(_BUCKET_LABELS)
+        self.sum_ns = 0
+
+    def observe(self, nanoseconds: int) -> None:
+        self.counts[bisect_left(_BUCKET_BOUNDS_NS, nanoseconds)] += 1
+        self.sum_ns += nanoseconds
+
+    def cumulative(self) -> tuple[list[tuple[str, int]], float]:
+        """``([(le, count), ...], sum_seconds)`` as Prometheus exposes a histogram."""
+        counts, sum_ns = self.counts.copy(), self.sum_ns
+        buckets, total = [], 0
+        for label, count in zip(_BUCKET_LABELS, counts):
+            total += count
+            buckets.append((label, total))
+        return buckets, sum_ns / 1e9
 
 
 class NbdswapCollector:
@@ -24,52 +116,103 @@ class NbdswapCollector:
         self._store = store
         self._server = server
 
-    def collect(self):
-        yield InfoMetricFamily("nbdswap_build", "nbdswap version and export",
-                               value={"version": __version__, "export": self._device.export.name})
+    def collect(self) -> Iterator[Metric]:
+        yield InfoMetricFamily("nbdswap_build", "nbdswap and Python versions",
+                               value={"version": __version__, "python": sys.version.split()[0]})
+        yield InfoMetricFamily("nbdswap_export", "The exported device",
+                               value={"export": self._device.export.name})
         yield GaugeMetricFamily("nbdswap_device_size_bytes", "Size of the exported device",
                                 value=self._device.export.size)
         yield GaugeMetricFamily("nbdswap_connections", "Open client connections",
                                 value=len(self._server.connections))
-        yield from self._request_metrics()
-        yield from self._store_metrics()
+        yield from self._request_families()
+        yield from _store_families(self._store.stats())
 
-    def _request_metrics(self):
+    def _request_families(self) -> Iterator[Metric]:
+        device = self._device
         requests = CounterMetricFamily("nbdswap_requests", "Requests executed", labels=["op"])
         payload = CounterMetricFamily("nbdswap_request_bytes", "Bytes addressed by requests",
                                       labels=["op"])
+        latency = HistogramMetricFamily(
+            "nbdswap_request_duration_seconds",
+            "Time from the start of a request's execution until its reply is queued",
+            labels=["op"])
+        counts, sizes = dict(device.requests), dict(device.request_bytes)
+        for op, histogram in device.latency.items():
+            requests.add_metric([op], counts.get(op, 0))
+            payload.add_metric([op], sizes.get(op, 0))
+            buckets, seconds = histogram.cumulative()
+            latency.add_metric([op], buckets, seconds)
+        yield from (requests, payload, latency, self._error_family())
+        yield CounterMetricFamily(
+            "nbdswap_corrupt_block_errors",
+            "Requests answered EIO because a block failed its checksum or its data was lost",
+            value=device.corrupt_block_errors)
+
+    def _error_family(self) -> Metric:
         errors = CounterMetricFamily("nbdswap_request_errors", "Requests answered with an error",
                                      labels=["op", "errno"])
-        for op, count in dict(self._device.requests).items():
-            requests.add_metric([op], count)
-        for op, count in dict(self._device.request_bytes).items():
-            payload.add_metric([op], count)
-        for (op, errno), count in dict(self._device.errors).items():
+        counts = dict.fromkeys(EXPECTED_ERRORS, 0)
+        counts.update(dict(self._device.errors))
+        for (op, errno), count in sorted(counts.items()):
             errors.add_metric([op, errno], count)
-        yield from (requests, payload, errors)
-
-    def _store_metrics(self):
-        stats = self._store.stats()
-        blocks = GaugeMetricFamily("nbdswap_tier_blocks", "Blocks whose data the tier holds",
-                                   labels=["tier"])
-        stored = GaugeMetricFamily("nbdswap_tier_stored_bytes", "Bytes the tier's blocks occupy",
-                                   labels=["tier"])
-        capacity = GaugeMetricFamily("nbdswap_tier_capacity_bytes", "Configured tier capacity",
-                                     labels=["tier"])
-        for tier, values in stats["tiers"].items():
-            blocks.add_metric([tier], values["blocks"])
-            stored.add_metric([tier], values["stored_bytes"])
-            capacity.add_metric([tier], values["capacity_bytes"])
-        yield from (blocks, stored, capacity)
-        yield GaugeMetricFamily("nbdswap_map_blocks", "Blocks with an entry in the block map",
-                                value=stats["map"]["blocks"])
-        yield GaugeMetricFamily("nbdswap_map_bytes", "Size of the block map on disk",
-                                value=stats["map"]["bytes"])
+        return errors
 
 
-def serve_metrics(address: str, device: BlockDevice, store: Store, server: NBDServer) -> None:
-    """Serve ``/metrics`` on ``HOST:PORT`` from a background thread."""
-    host, port = parse_host_port(address)
-    registry = CollectorRegistry()
-    registry.register(NbdswapCollector(device, store, server))
-    start_http_server(port, addr=host, registry=registry)
+def _store_families(stats: dict) -> Iterator[Metric]:
+    """``Store.stats()`` as metric families (see the module docstring)."""
+    yield from _tier_families(stats.get("tiers", {}))
+    for key, value in stats.items():
+        if isinstance(value, dict) and key != "tiers":
+            for field, number in _numbers(value):
+                yield _family(f"nbdswap_{key}_{field}", _STORE_HELP.get(f"{key}_{field}"), number)
+        elif _is_number(value):
+            yield _family(f"nbdswap_{key}", _STORE_HELP.get(key), value)
+
+
+def _tier_families(tiers: dict[str, dict]) -> Iterator[Metric]:
+    families: dict[str, Metric] = {}
+    for tier, values in tiers.items():
+        fields = dict(_numbers(values))
+        fields["logical_bytes"] = fields.get("blocks", 0) * BLOCK_BYTES
+        for field, number in fields.items():
+            name = f"nbdswap_tier_{field}"
+            if name not in families:
+                families[name] = _family(name, _TIER_HELP.get(field), labels=["tier"])
+            families[name].add_metric([tier], number)
+    return iter(families.values())
+
+
+def _family(name: str, help_text: str | None, value: float | None = None,
+            labels: list[str] | None = None) -> Metric:
+    """A counter if ``name`` ends in ``_total``, else a gauge."""
+    documentation = help_text or f"{name.removeprefix('nbdswap_')} as Store.stats() reports it"
+    if name.endswith("_total"):
+        return CounterMetricFamily(name.removesuffix("_total"), documentation, value, labels)
+    return GaugeMetricFamily(name, documentation, value, labels)
+
+
+def _numbers(values: dict) -> Iterator[tuple[str, float]]:
+    for field, value in values.items():
+        if _is_number(value):
+            yield field, float(value)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float))  # bool is an int: exported as 0/1
+
+
+class MetricsEndpoint:
+    """The ``/metrics`` HTTP server thread; :meth:`close` stops it."""
+
+    def __init__(self, address: str, device: BlockDevice, store: Store, server: NBDServer) -> None:
+        host, port = parse_host_port(address)
+        registry = CollectorRegistry()
+        registry.register(NbdswapCollector(device, store, server))
+        ProcessCollector(registry=registry)
+        self._http, self._thread = start_http_server(port, addr=host, registry=registry)
+
+    def close(self) -> None:
+        self._http.shutdown()
+        self._http.server_close()
+        self._thread.join()

@@ -1,9 +1,131 @@
-"""Human-readable ``nbdswap status``: rich tables of tiers, map and requests."""
+"""Human-readable ``nbdswap status``: rich tables of tiers, block map and requests.
+
+Recent rates come from two status samples taken ``interval`` seconds apart; the
+server's own uptime is the clock between them.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from rich.console import Console
 from rich.table import Table
+
+#: The logical size of every block a tier holds.
+BLOCK_BYTES = 4096
+#: Tier fields that have a column of their own; any others go to "details".
+TIER_COLUMNS = ("blocks", "stored_bytes", "used_bytes", "capacity_bytes")
+
+
+def show_status(status: dict, fetch: Callable[[], dict], interval: float,
+                console: Console | None = None) -> None:
+    """Render ``status``; with ``interval`` > 0, sample again and add recent rates."""
+    if interval > 0:
+        time.sleep(interval)
+        status, previous = fetch(), status
+    else:
+        previous = None
+    render_status(status, previous, console)
+
+
+def render_status(status: dict, previous: dict | None = None, console: Console | None = None) -> None:
+    console = console or Console()
+    console.print(_header(status))
+    console.print(_tier_table(status.get("tiers", {})))
+    console.print(_map_line(status))
+    console.print(_request_table(status, _recent_rates(previous, status)))
+    errors = _error_line(status.get("errors", {}), status.get("corrupt_block_errors", 0))
+    if errors:
+        console.print(errors)
+
+
+def _header(status: dict) -> str:
+    export = status.get("export", {})
+    return (f"[bold]nbdswap {status.get('version', '')}[/bold]  export "
+            f"[cyan]{export.get('name', '?')}[/cyan] {_size(export.get('size', 0))}  "
+            f"connections {status.get('connections', 0)}  "
+            f"up {status.get('uptime_seconds', 0):.0f} s")
+
+
+def _tier_table(tiers: dict[str, dict]) -> Table:
+    table = Table(title="tiers", title_justify="left")
+    table.add_column("tier")
+    for column in ("blocks", "stored", "used", "capacity", "full", "compression"):
+        table.add_column(column, justify="right")
+    table.add_column("details")
+    for name, tier in tiers.items():
+        blocks, stored = tier.get("blocks", 0), tier.get("stored_bytes", 0)
+        used, capacity = tier.get("used_bytes", stored), tier.get("capacity_bytes", 0)
+        table.add_row(name, f"{blocks:,}", _size(stored), _size(used), _size(capacity),
+                      f"{100 * used / capacity:.1f} %" if capacity else "-",
+                      f"{blocks * BLOCK_BYTES / stored:.2f}x" if stored else "-",
+                      _details(tier))
+    return table
+
+
+def _details(tier: dict) -> str:
+    """Fields beyond the standard columns, e.g. a remote tier's health."""
+    parts = []
+    for field, value in tier.items():
+        if field in TIER_COLUMNS or value is None or isinstance(value, (dict, list)):
+            continue
+        if isinstance(value, bool):
+            value = "yes" if value else "no"
+        elif field.endswith("_bytes") and isinstance(value, (int, float)):
+            value = _size(value)
+        parts.append(f"{field.removesuffix('_bytes')} {value}")
+    return ", ".join(parts)
+
+
+def _map_line(status: dict) -> str:
+    block_map = status.get("map", {})
+    return (f"block map: {block_map.get('blocks', 0):,} blocks "
+            f"({status.get('zero_blocks', 0):,} zero, "
+            f"{status.get('same_filled_blocks', 0):,} same-filled, "
+            f"{status.get('lost_blocks', 0):,} lost), {_size(block_map.get('bytes', 0))} on disk")
+
+
+def _request_table(status: dict, recent: tuple[float, dict[str, list[str]]] | None) -> Table:
+    title = f"requests (rates over the last {recent[0]:.1f} s)" if recent else "requests"
+    table = Table(title=title, title_justify="left")
+    table.add_column("op")
+    columns = ["requests", "bytes", "errors"] + (["req/s", "bytes/s", "mean latency"] if recent else [])
+    for column in columns:
+        table.add_column(column, justify="right")
+    errors = status.get("errors", {})
+    for op, count in status.get("requests", {}).items():
+        row = [op, f"{count:,}", _size(status.get("request_bytes", {}).get(op, 0)),
+               f"{sum(errors.get(op, {}).values()):,}"]
+        table.add_row(*row, *(recent[1][op] if recent else ()))
+    return table
+
+
+def _recent_rates(previous: dict | None, status: dict) -> tuple[float, dict[str, list[str]]] | None:
+    """``(seconds, {op: [req/s, bytes/s, mean latency]})`` between two samples of one
+    server run; None without a previous sample or across a restart."""
+    if previous is None:
+        return None
+    elapsed = status.get("uptime_seconds", 0) - previous.get("uptime_seconds", 0)
+    sections = ("requests", "request_bytes", "request_seconds")
+    if elapsed <= 0 or not all(section in previous and section in status for section in sections):
+        return None
+    rates = {}
+    for op in status["requests"]:
+        requests, nbytes, seconds = (status[section].get(op, 0) - previous[section].get(op, 0)
+                                     for section in sections)
+        if requests < 0:
+            return None
+        rates[op] = [f"{requests / elapsed:,.1f}", f"{_size(nbytes / elapsed)}/s",
+                     _duration(seconds / requests) if requests else "-"]
+    return elapsed, rates
+
+
+def _error_line(errors: dict[str, dict[str, int]], corrupt: int) -> str:
+    parts = [f"{op} {errno} {count:,}" for op, by_errno in errors.items() for errno, count in by_errno.items()]
+    if corrupt:
+        parts.append(f"checksum failures or lost blocks {corrupt:,}")
+    return "[red]errors:[/red] " + ", ".join(parts) if parts else ""
 
 
 def _size(n: float) -> str:
@@ -14,33 +136,8 @@ def _size(n: float) -> str:
     return str(n)
 
 
-def render_status(status: dict, console: Console | None = None) -> None:
-    console = console or Console()
-    export = status.get("export", {})
-    console.print(f"[bold]nbdswap {status.get('version', '')}[/bold]  export "
-                  f"[cyan]{export.get('name', '?')}[/cyan] {_size(export.get('size', 0))}  "
-                  f"connections {status.get('connections', 0)}  "
-                  f"up {status.get('uptime_seconds', 0):.0f} s")
-    tiers = Table(title="tiers")
-    for column in ("tier", "blocks", "stored", "capacity", "used"):
-        tiers.add_column(column, justify="right" if column != "tier" else "left")
-    for name, tier in status.get("tiers", {}).items():
-        capacity = tier.get("capacity_bytes", 0)
-        used = tier.get("used_bytes", tier.get("stored_bytes", 0))
-        percent = f"{100 * used / capacity:.1f} %" if capacity else "-"
-        tiers.add_row(name, f"{tier.get('blocks', 0):,}", _size(tier.get("stored_bytes", 0)),
-                      _size(capacity), percent)
-    console.print(tiers)
-    block_map = status.get("map", {})
-    console.print(f"map: {block_map.get('blocks', 0):,} blocks, {_size(block_map.get('bytes', 0))} on disk")
-    requests = Table(title="requests")
-    requests.add_column("op")
-    requests.add_column("count", justify="right")
-    requests.add_column("bytes", justify="right")
-    requests.add_column("errors", justify="right")
-    errors = status.get("errors", {})
-    for op, count in status.get("requests", {}).items():
-        failed = sum(errors.get(op, {}).values())
-        requests.add_row(op, f"{count:,}", _size(status.get("request_bytes", {}).get(op, 0)),
-                         f"{failed:,}")
-    console.print(requests)
+def _duration(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f} µs"
+    return f"{seconds * 1e3:.2f} ms"
+

@@ -4,8 +4,9 @@ Every 4 KiB block has at most one entry in the block map (LMDB), which says whet
 is zero, same-filled (the word is in the entry) or stored in a tier, with the stored
 length, flags and a checksum of the page.
 
-Write: encode the page, put the payload into the first tier with room (RAM, then disk),
-stage the new map entry and wait for the grouped commit.  Changes are staged in one
+Write: encode the page, put the payload into the first tier with room (RAM, then disk,
+then remote; a remote put returns once Redis acknowledged it), stage the new map entry
+and wait for the grouped commit.  Changes are staged in one
 in-memory batch; the first change schedules a commit callback on the event loop, which
 writes the whole batch in one LMDB transaction, then frees the tier slots the batch
 replaced, then wakes the writers.  A slot is therefore never reused while a committed
@@ -23,6 +24,22 @@ Durability, per part:
 * RAM tier: a shared-memory file survives a killed or restarted process, never a host
   crash or reboot.  After one, the map's RAM entries are marked lost and read as EIO
   (never as zeros or stale data) until the blocks are written again.
+* remote tier: acknowledged by Redis before the map entry exists; what survives a Redis
+  restart is Redis's persistence (AOF).  A missing or foreign value reads as EIO.
+
+With a remote tier configured, the blocks of one request are put and fetched
+concurrently, so that the remote tier can send them in one MSET / MGET.
+
+Moves (the policy engine's only way to act): copy the payload to the target tier, stage
+the new entry only if the block still has the entry (and clean copy) the move started
+from, and let the commit free the old slot; a move that loses a race to a write frees
+its copy and reports False.  A promotion may keep the slower copy as the block's clean
+backing (:class:`~nbdswap.blockmap.BlockMap` ``backing``); demoting the block back to
+that tier then only points the map at it again.  Every other change of a block drops
+its backing in the same commit, so an acknowledged write never loses to a stale copy.
+
+Recency: :attr:`Store.heat` has one byte per block, set to :data:`HOT` on every read
+and write (one array store); the policy engine ages it (generalised CLOCK).
 """
 
 from __future__ import annotations
@@ -32,19 +49,23 @@ import heapq
 import logging
 import operator
 import time
-from collections.abc import Iterable, Iterator
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import lmdb
 
 from .blockmap import (
     COMPRESSED,
+    TIER_NAMES,
     LOST,
     MAP_FILE,
     SAME_FILLED,
     TIER_DISK,
     TIER_NONE,
     TIER_RAM,
+    TIER_REMOTE,
     ZERO_ENTRY,
     BlockMap,
     Entry,
@@ -54,10 +75,12 @@ from .errors import CorruptBlockError, NoSpaceError, StateDirError, StoreError, 
 from .tiers import Tier
 from .tiers.disk import DISK_FILE, DiskTier
 from .tiers.ram import RamTier
+from .tiers.remote import RemoteSettings, RemoteTier
 
 log = logging.getLogger(__name__)
 
 BLOCK_SIZE = PAGE_SIZE
+_T = TypeVar("_T")
 
 #: NBD ``base:allocation`` extent flags.
 HOLE = 1
@@ -70,15 +93,25 @@ STATE_DIR_FILES = frozenset({"lock", "admin.sock", MAP_FILE + "-lock"})
 WHOLE_BLOCK_CHUNK = 8192
 #: Local tiers in placement order: a new block goes to the first with room.
 LOCAL_TIERS = (RamTier, DiskTier)
+#: What a read or write sets a block's :attr:`Store.heat` to; the policy's CLOCK hand
+#: takes one off per pass, and demotes blocks it finds at zero.
+HOT = 3
+#: Why blocks move (the ``reason`` of :meth:`Store.move`, a label of the move counters).
+MOVE_REASONS = ("demote", "promote", "drain", "manual")
+
+#: An Observer hears of every read served from a tier slower than RAM.
+SlowReadObserver = Callable[[int, int], None]
 
 class _Batch:
     """Map changes staged since the last commit, and who waits for them."""
 
-    __slots__ = ("changes", "base", "replaced", "waiters", "done", "error")
+    __slots__ = ("changes", "base", "backing", "backing_base", "replaced", "waiters", "done", "error")
 
     def __init__(self) -> None:
         self.changes: dict[int, Entry | None] = {}
         self.base: dict[int, Entry | None] = {}  # the committed entry of each changed block
+        self.backing: dict[int, Entry | None] = {}  # clean-copy changes
+        self.backing_base: dict[int, Entry | None] = {}
         self.replaced: list[tuple[int, Entry]] = []  # stored entries to free after the commit
         self.waiters: list[asyncio.Future] = []
         self.done = False
@@ -101,22 +134,38 @@ class Store:
         self.size = size
         self._map = blockmap
         self._tiers: dict[int, Tier] = {tier.tier_id: tier for tier in tiers}
-        self._placement = [self._tiers[i] for i in (TIER_RAM, TIER_DISK) if i in self._tiers]
+        self._placement = [self._tiers[i] for i in (TIER_RAM, TIER_DISK, TIER_REMOTE) if i in self._tiers]
+        self._remote: RemoteTier | None = self._tiers.get(TIER_REMOTE)
         self._batch: _Batch | None = None
         self._sync_waiters: list[asyncio.Future] = []
         self._sync_task: asyncio.Task | None = None
         self._closed = False
         self._mapped = self._zero = self._same_filled = self._lost = 0
+        self._corrupt_reads: Counter[int] = Counter()  # per tier id
+        blocks = -(-size // BLOCK_SIZE)
+        self.heat = bytearray(blocks)
+        self._may_have_backing = bytearray(blocks)  # a superset of the blocks with a clean copy
+        self._backings: Counter[int] = Counter()  # clean copies per tier id
+        self._moves: Counter[tuple[str, str, str]] = Counter()  # (from, to, reason)
+        self._races_lost = self._clean_copy_hits = self._backings_dropped = 0
+        #: Tier ids that take no new blocks (drained); persisted in the map.
+        self.draining: set[int] = {tier.tier_id for tier in self._tiers.values()
+                                   if tier.name in blockmap.draining()}
+        #: Payloads longer than this skip the RAM tier (incompressible pages).
+        self.ram_payload_limit = BLOCK_SIZE
+        self.on_slow_read: SlowReadObserver | None = None
 
     # --- opening ----------------------------------------------------------------
 
     @classmethod
-    def open(cls, state_dir: Path, *, size: int, ram_max: int, disk_max: int) -> Store:
+    def open(cls, state_dir: Path, *, size: int, ram_max: int, disk_max: int,
+             remote: RemoteSettings | None = None) -> Store:
         """Open the store in ``state_dir``, creating it if the directory is new.
 
         Rebuilds the tier allocators and counters from the map; RAM entries whose arena
         is gone are marked lost.  Raises :class:`StateDirError` for a directory that is
-        not an nbdswap state directory or cannot take ``size``.
+        not an nbdswap state directory or cannot take ``size``.  With ``remote``, call it
+        inside the running event loop: the remote tier's orphan sweep starts in it.
         """
         if size <= 0:
             raise ValueError("size must be positive")
@@ -128,8 +177,12 @@ class Store:
                 tier = tier_class.open(state_dir, capacity, blockmap.arena_id(tier_class.name))
                 if tier is not None:
                     tiers.append(tier)
+            if remote is not None:
+                tiers.append(_open_remote(blockmap, remote, state_dir))
             store = cls(blockmap, tiers, size)
             store._rebuild()
+            if store._remote is not None:
+                store._remote.start()
         except lmdb.Error as error:
             _close_all(blockmap, tiers)
             raise StateDirError(f"the block map in {state_dir} is damaged: {error}") from error
@@ -142,18 +195,41 @@ class Store:
         """Replay the map into the tier allocators and counters (one pass)."""
         started = time.monotonic()
         lost: dict[int, Entry] = {}
+        backings = self._rebuild_backings()
+        restored: dict[int, Entry | None] = {}
         for block, entry in self._map.items():
             if entry.is_stored and not self._adopt(block, entry):
-                entry = lost[block] = entry._replace(flags=entry.flags | LOST)
+                backing = backings.get(block)
+                if backing is not None:  # the clean copy has the same data: it becomes the entry
+                    entry = lost[block] = backing
+                    restored[block] = None
+                    self._backings[backing.tier] -= 1
+                else:
+                    entry = lost[block] = entry._replace(flags=entry.flags | LOST)
             self._count(entry, 1)
         if lost:
-            self._map.commit(lost)
-            log.error("%d blocks lost their data; they read as I/O errors until rewritten", len(lost))
+            self._map.commit(lost, restored)
+            log.error("%d blocks lost their data (%d restored from clean copies); the others read as "
+                      "I/O errors until rewritten", len(lost), len(restored))
         for tier in self._tiers.values():
             if tier.fresh and tier.arena_id is not None:
                 self._map.set_arena_id(tier.name, tier.arena_id)
         self._map.sync()
         log.info("block map: %d blocks rebuilt in %.2f s", self._mapped, time.monotonic() - started)
+
+    def _rebuild_backings(self) -> dict[int, Entry]:
+        """Adopt the clean copies; those whose data is gone are deleted."""
+        backings, gone = {}, {}
+        for block, entry in self._map.backing_items():
+            self._may_have_backing[block] = 1
+            if entry.tier in self._tiers and self._adopt(block, entry):
+                backings[block] = entry
+                self._backings[entry.tier] += 1
+            elif entry.tier in self._tiers:
+                gone[block] = None
+        if gone:
+            self._map.commit({}, gone)
+        return backings
 
     def _adopt(self, block: int, entry: Entry) -> bool:
         """Record a stored entry in its tier; False when its data is gone."""
@@ -176,11 +252,11 @@ class Store:
 
         Raises :class:`CorruptBlockError` for a block whose data cannot be trusted.
         """
-        parts = []
-        for block, start, end in _split(offset, length):
-            _, page = await self._read_block(block)
-            parts.append(page if end - start == BLOCK_SIZE else page[start:end])
-        return b"".join(parts)
+        pieces = list(_split(offset, length))
+        pages = await self._each(self._read_block, [block for block, _, _ in pieces])
+        return b"".join(
+            page if end - start == BLOCK_SIZE else page[start:end]
+            for (_, start, end), (_, page) in zip(pieces, pages))
 
     async def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
         """Store ``data`` at ``offset``; returns once the new entries are committed.
@@ -188,15 +264,17 @@ class Store:
         A mutable buffer is copied first: the write may await between its blocks.
         """
         view = memoryview(data if isinstance(data, bytes) else bytes(data))
-        batches = []
+        whole, partial = [], []
         position = 0
         for block, start, end in _split(offset, len(view)):
+            self.heat[block] = HOT
             chunk = bytes(view[position : position + end - start])
             position += end - start
-            if len(chunk) == BLOCK_SIZE:
-                batches.append(self._stage(block, await self._store_page(chunk)))
-            else:
-                batches.append(await self._write_partial(block, start, chunk))
+            (whole if len(chunk) == BLOCK_SIZE else partial).append((block, start, chunk))
+        entries = await self._store_pages([chunk for _, _, chunk in whole])
+        batches = [self._stage(block, entry) for (block, _, _), entry in zip(whole, entries)]
+        for block, start, chunk in partial:
+            batches.append(await self._write_partial(block, start, chunk))
         await self._settle(batches, fua)
 
     async def write_zeroes(
@@ -234,36 +312,120 @@ class Store:
         _add_extent(extents, end - position, HOLE | ZERO)
         return [(run_length, flags) for run_length, flags in extents]
 
-    async def move(self, block: int, to_tier: str) -> bool:
+    async def move(self, block: int, to_tier: str, reason: str = "manual", *,
+                   keep_source: bool = False) -> bool:
         """Move a stored block's data to ``to_tier``; False if there was nothing to move
-        or the block changed meanwhile (the copy is then discarded)."""
+        or the block changed meanwhile (the copy is then discarded).
+
+        A clean copy on ``to_tier`` makes the move a map change only.  ``keep_source``
+        (promotions) keeps the old copy as the block's clean backing when it is slower.
+        """
         target = self._tier_named(to_tier)
-        entry = self._current(block)
+        entry, backing = self._current(block), self._current_backing(block)
         if entry is None or not entry.is_stored or entry.tier == target.tier_id:
             return False
         source = self._tiers.get(entry.tier)
         if source is None:
             return False
-        payload = await source.get(entry.addr, entry.length)
+        if backing is not None and backing.tier == target.tier_id and _same_data(entry, backing):
+            return await self._commit_move(block, (entry, backing), (backing, None), reason, hit=True)
+        try:
+            payload = await source.get(entry.addr, entry.length)
+        except StoreError:
+            if (self._current(block), self._current_backing(block)) != (entry, backing):
+                self._races_lost += 1
+                return False  # rewritten meanwhile: its old slot may be gone already
+            raise
         moved = entry._replace(tier=target.tier_id, addr=await target.put(payload))
-        batch = self._stage_if(block, entry, moved)
-        if batch is None:
+        kept = entry if keep_source else backing
+        if kept is not None and (kept.tier <= moved.tier or kept.tier in self.draining):
+            kept = None
+        if not await self._commit_move(block, (entry, backing), (moved, kept), reason):
             target.free(moved.addr, moved.length)
             return False
+        return True
+
+    async def drop_backing(self, block: int, tier: int | None = None) -> bool:
+        """Free the block's clean copy (only one on ``tier``, if given); False if it has none."""
+        entry, backing = self._current(block), self._current_backing(block)
+        if backing is None or (tier is not None and backing.tier != tier):
+            return False
+        batch = self._stage_if(block, entry, entry, expected_backing=backing, backing=None)
+        if batch is None:
+            return False
+        self._backings_dropped += 1
         await self._settle([batch], fua=False)
         return True
 
+    async def _commit_move(self, block: int, expected: tuple[Entry, Entry | None],
+                           new: tuple[Entry, Entry | None], reason: str, hit: bool = False) -> bool:
+        batch = self._stage_if(block, expected[0], new[0], expected_backing=expected[1], backing=new[1])
+        if batch is None:
+            self._races_lost += 1
+            return False
+        self._moves[TIER_NAMES[expected[0].tier], TIER_NAMES[new[0].tier], reason] += 1
+        self._clean_copy_hits += hit
+        await self._settle([batch], fua=False)
+        return True
+
+    def entry(self, block: int) -> Entry | None:
+        """The block's current entry (staged or committed)."""
+        return self._current(block)
+
+    def tier_names(self) -> list[str]:
+        """Configured tiers, fastest first."""
+        return [tier.name for tier in self._placement]
+
+    def tier(self, name: str) -> Tier:
+        return self._tier_named(name)
+
+    def set_draining(self, name: str, draining: bool) -> None:
+        """Let tier ``name`` take new blocks or not (persisted in the map)."""
+        tier = self._tier_named(name)
+        self._map.set_draining(name, draining)
+        if draining:
+            self.draining.add(tier.tier_id)
+        else:
+            self.draining.discard(tier.tier_id)
+
+    def primaries(self, first: int = 0) -> Iterator[tuple[int, Entry]]:
+        """Committed entries of stored blocks from ``first`` on (do not await while iterating)."""
+        return ((block, entry) for block, entry in self._map.items(first) if entry.is_stored)
+
+    def backings(self, first: int = 0) -> Iterator[tuple[int, Entry]]:
+        """Committed clean copies from block ``first`` on (do not await while iterating)."""
+        return self._map.backing_items(first)
+
+    def move_stats(self) -> dict:
+        """Counters of moves and clean copies (also part of :meth:`stats`)."""
+        moves: dict[str, dict[str, dict[str, int]]] = {}
+        for (source, target, reason), count in sorted(self._moves.items()):
+            moves.setdefault(source, {}).setdefault(target, {})[reason] = count
+        return {
+            "moves": moves,
+            "move_races_lost": self._races_lost,
+            "clean_copy_hits": self._clean_copy_hits,
+            "clean_copies_dropped": self._backings_dropped,
+            "clean_copies": {TIER_NAMES[tier_id]: self._backings[tier_id] for tier_id in TIER_NAMES},
+            "draining": sorted(TIER_NAMES[tier_id] for tier_id in self.draining),
+        }
+
     def stats(self) -> dict:
-        empty = dict.fromkeys(("blocks", "stored_bytes", "used_bytes", "capacity_bytes", "slab_bytes"), 0)
-        tiers = {tier_class.name: dict(empty) for tier_class in LOCAL_TIERS}
+        empty = dict.fromkeys(("blocks", "stored_bytes", "used_bytes", "capacity_bytes"), 0)
+        tiers = {tier_class.name: {**empty, "slab_bytes": 0} for tier_class in LOCAL_TIERS}
+        tiers[RemoteTier.name] = {**empty, "up": False, "configured": False}
         for tier in self._tiers.values():
             tiers[tier.name] = tier.stats()
+            if tier is self._remote:
+                tiers[tier.name]["configured"] = True
+            tiers[tier.name]["corrupt_reads_total"] = self._corrupt_reads[tier.tier_id]
         return {
             "tiers": tiers,
             "map": {"blocks": self._mapped, "bytes": self._map.bytes},
             "zero_blocks": self._zero,
             "same_filled_blocks": self._same_filled,
             "lost_blocks": self._lost,
+            **self.move_stats(),
         }
 
     @property
@@ -280,6 +442,8 @@ class Store:
         finally:
             self._closed = True
             self._map.close()
+            if self._remote is not None:
+                await self._remote.aclose()
             for tier in self._tiers.values():
                 tier.close()
 
@@ -292,16 +456,29 @@ class Store:
             return batch.changes[block]
         return self._map.get(block)
 
+    def _current_backing(self, block: int) -> Entry | None:
+        """The block's clean copy, staged or committed."""
+        batch = self._batch
+        if batch is not None and block in batch.backing:
+            return batch.backing[block]
+        return self._map.get_backing(block) if self._may_have_backing[block] else None
+
     async def _read_block(self, block: int) -> tuple[Entry | None, bytes]:
         """The block's current entry and page."""
+        self.heat[block] = HOT
         while True:
             entry = self._current(block)
             try:
-                return entry, await self._load(block, entry)
+                page = await self._load(block, entry)
+                if self.on_slow_read is not None and entry is not None and entry.tier > TIER_RAM:
+                    self.on_slow_read(block, entry.tier)
+                return entry, page
             except CorruptBlockError:
                 # A concurrent write may have replaced the entry and reused its slot
                 # while the tier read was in flight; then the new entry is the answer.
                 if self._current(block) == entry:
+                    if entry is not None and entry.is_stored:
+                        self._corrupt_reads[entry.tier] += 1
                     raise
 
     async def _load(self, block: int, entry: Entry | None) -> bytes:
@@ -339,15 +516,63 @@ class Store:
         if encoded.kind == PageKind.SAME_FILLED:
             return Entry(TIER_NONE, SAME_FILLED, 0, 0, encoded.word)
         payload = encoded.payload
-        for tier in self._placement:
+        for tier in self._placement_for(len(payload)):
             if tier.has_room(len(payload)):
                 try:
                     addr = await tier.put(payload)
-                except NoSpaceError:
+                except (NoSpaceError, TierUnavailableError):
                     continue
                 flags = COMPRESSED if encoded.kind == PageKind.COMPRESSED else 0
                 return Entry(tier.tier_id, flags, len(payload), encoded.checksum, addr)
-        raise NoSpaceError("every tier is full")
+        raise NoSpaceError("every reachable tier is full")
+
+    def _placement_for(self, length: int) -> list[Tier]:
+        """Tiers a new payload may go to, in order: draining tiers never; RAM last for
+        a payload above :attr:`ram_payload_limit` (an incompressible page)."""
+        tiers = [tier for tier in self._placement if tier.tier_id not in self.draining]
+        if length > self.ram_payload_limit and tiers and tiers[0].tier_id == TIER_RAM:
+            tiers.append(tiers.pop(0))
+        return tiers
+
+    async def _store_pages(self, pages: list[bytes]) -> list[Entry]:
+        """:meth:`_store_page` of each page; on a failure or cancellation the slots of
+        the pages already stored are freed."""
+        if self._remote is None or len(pages) < 2:
+            results = await self._each(self._store_page, pages, settle_all=True)
+        else:
+            tasks = [asyncio.ensure_future(self._store_page(page)) for page in pages]
+            try:
+                results = await asyncio.gather(*tasks, return_exceptions=True)
+            except asyncio.CancelledError:
+                for task in tasks:
+                    if task.done() and not task.cancelled() and task.exception() is None:
+                        self._discard(task.result())
+                raise
+        failures = [result for result in results if isinstance(result, BaseException)]
+        if failures:
+            for result in results:
+                if not isinstance(result, BaseException):
+                    self._discard(result)
+            raise failures[0]
+        return results
+
+    async def _each(self, operation: Callable[[_T], Awaitable], items: list[_T], *,
+                    settle_all: bool = False) -> list:
+        """``operation`` of each item: one by one, or concurrently with a remote tier
+        (whose batches then carry a whole request).  ``settle_all`` returns exceptions
+        as results once every operation finished, instead of raising the first; it is
+        meant for the one-by-one case (see :meth:`_store_pages`)."""
+        if self._remote is None or len(items) < 2:
+            results = []
+            for item in items:
+                try:
+                    results.append(await operation(item))
+                except Exception as error:
+                    if not settle_all:
+                        raise
+                    results.append(error)
+            return results
+        return await asyncio.gather(*map(operation, items), return_exceptions=settle_all)
 
     async def _write_partial(self, block: int, start: int, chunk: bytes) -> _Batch:
         """Read-modify-write part of a block, retrying if the block changes meanwhile."""
@@ -394,21 +619,37 @@ class Store:
         """Stage ``entry`` as the block's new entry; returns the batch to wait for."""
         return self._replace(block, self._current(block), entry)
 
-    def _stage_if(self, block: int, expected: Entry | None, entry: Entry | None) -> _Batch | None:
-        """Compare-and-swap: stage ``entry`` only if the block's entry is still
-        ``expected``; returns the batch to wait for, or ``None`` if refused."""
+    def _stage_if(self, block: int, expected: Entry | None, entry: Entry | None, *,
+                  expected_backing: Entry | None = None, backing: Entry | None = None) -> _Batch | None:
+        """Compare-and-swap: stage ``entry`` (and ``backing`` as its clean copy) only if
+        the block's entry and clean copy are still the expected ones; returns the batch to
+        wait for, or ``None`` if refused.  Without a clean copy expected, the block's
+        current one is dropped (a write's new data makes it stale)."""
         old = self._current(block)
-        return self._replace(block, old, entry) if old == expected else None
+        if old != expected or (expected_backing is not None and self._current_backing(block) != expected_backing):
+            return None
+        return self._replace(block, old, entry, backing)
 
-    def _replace(self, block: int, old: Entry | None, entry: Entry | None) -> _Batch:
+    def _replace(self, block: int, old: Entry | None, entry: Entry | None,
+                 backing: Entry | None = None) -> _Batch:
+        """Stage the block's new entry and clean copy; the slots neither of them still
+        uses are freed after the commit."""
         batch = self._batch
         if batch is None:
             batch = self._batch = _Batch()
             asyncio.get_running_loop().call_soon(self._commit)
+        old_backing = self._current_backing(block)
         batch.base.setdefault(block, old)
         batch.changes[block] = entry
-        if old is not None and old.is_stored:
-            batch.replaced.append((block, old))
+        if old_backing is not None or backing is not None:
+            batch.backing_base.setdefault(block, old_backing)
+            batch.backing[block] = backing
+            self._count_backing(old_backing, -1)
+            self._count_backing(backing, 1)
+        kept = {_slot(kept) for kept in (entry, backing) if kept is not None and kept.is_stored}
+        for gone in (old, old_backing):
+            if gone is not None and gone.is_stored and _slot(gone) not in kept:
+                batch.replaced.append((block, gone))
         self._count(old, -1)
         self._count(entry, 1)
         return batch
@@ -417,25 +658,35 @@ class Store:
         """Write the staged batch in one transaction, then free what it replaced."""
         batch, self._batch = self._batch, None
         try:
-            self._map.commit(batch.changes)
+            if batch.backing:
+                self._map.commit(batch.changes, batch.backing)
+            else:
+                self._map.commit(batch.changes)
         except (lmdb.Error, OSError) as error:
             self._roll_back(batch)
             log.error("block map commit failed: %s", error)
             batch.finish(f"block map commit failed: {error}")
             return
+        for block, backing in batch.backing.items():
+            self._may_have_backing[block] = backing is not None
         for _, entry in batch.replaced:
             self._discard(entry)
         batch.finish(None)
 
     def _roll_back(self, batch: _Batch) -> None:
-        """Undo a batch that could not be committed: the map keeps its entries."""
+        """Undo a batch that could not be committed: the map keeps its entries, and every
+        slot the batch filled is freed."""
         for block, entry in batch.changes.items():
             self._count(entry, -1)
             self._count(batch.base[block], 1)
-            if entry is not batch.base[block]:
-                self._discard(entry)
-        for block, entry in batch.replaced:
-            if entry is not batch.base[block]:
+        for block, backing in batch.backing.items():
+            self._count_backing(backing, -1)
+            self._count_backing(batch.backing_base[block], 1)
+        committed = {_slot(entry) for entry in (*batch.base.values(), *batch.backing_base.values())
+                     if entry is not None and entry.is_stored}
+        filled = [*batch.changes.values(), *batch.backing.values(), *(entry for _, entry in batch.replaced)]
+        for entry in {_slot(entry): entry for entry in filled if entry is not None and entry.is_stored}.values():
+            if _slot(entry) not in committed:
                 self._discard(entry)
 
     async def _settle(self, batches: list[_Batch], fua: bool) -> None:
@@ -491,6 +742,10 @@ class Store:
 
     # --- counters -----------------------------------------------------------------
 
+    def _count_backing(self, entry: Entry | None, sign: int) -> None:
+        if entry is not None:
+            self._backings[entry.tier] += sign
+
     def _count(self, entry: Entry | None, sign: int) -> None:
         if entry is None:
             return
@@ -501,6 +756,15 @@ class Store:
             self._same_filled += sign
         elif entry.flags & LOST:
             self._lost += sign
+
+
+def _slot(entry: Entry) -> tuple[int, int]:
+    return entry.tier, entry.addr
+
+
+def _same_data(entry: Entry, copy: Entry) -> bool:
+    """Whether ``copy`` holds the payload ``entry`` describes (in another tier)."""
+    return (entry.flags, entry.length, entry.checksum) == (copy.flags, copy.length, copy.checksum)
 
 
 def _split(offset: int, length: int) -> Iterator[tuple[int, int, int]]:
@@ -544,6 +808,15 @@ def _close_all(blockmap: BlockMap, tiers: Iterable[Tier]) -> None:
     for tier in tiers:
         tier.close()
     blockmap.close()
+
+
+def _open_remote(blockmap: BlockMap, settings: RemoteSettings, state_dir: Path) -> RemoteTier:
+    """The remote tier for this map: its key prefix must not change while keys exist."""
+    prefix = blockmap.remote_prefix(settings.prefix)
+    if prefix != settings.prefix:
+        raise StateDirError(f"{state_dir} keeps its remote blocks under the key prefix {prefix!r}, "
+                            f"not {settings.prefix!r}; use --remote-prefix {prefix!r}")
+    return RemoteTier.open(settings, blockmap.instance_id, blockmap.next_remote_epoch())
 
 
 def _open_map(state_dir: Path, size: int) -> BlockMap:

@@ -15,8 +15,11 @@ from nbdswap.protocol import (
     Request,
     RequestRejected,
     ServerConnection,
+    StartTLS,
+    TlsMode,
     TransmissionStarted,
 )
+from nbdswap.protocol import OptionTooLarge
 from nbdswap.protocol.connection import MAX_OPTION_LENGTH
 
 IHAVEOPT = 0x49484156454F5054
@@ -30,6 +33,7 @@ NBD_REP_META_CONTEXT = 4
 ERR_UNSUP = 0x80000001
 ERR_POLICY = 0x80000002
 ERR_INVALID = 0x80000003
+ERR_TLS_REQD = 0x80000005
 ERR_UNKNOWN = 0x80000006
 ERR_TOO_BIG = 0x80000009
 
@@ -80,8 +84,8 @@ def request(command, offset=0, length=0, flags=0, cookie=7, payload=b""):
     return struct.pack(">IHHQQI", 0x25609513, flags, command, cookie, offset, length) + payload
 
 
-def new_conn(client_flags=3):
-    conn = ServerConnection(ExportCatalog([EXPORT]))
+def new_conn(client_flags=3, **options):
+    conn = ServerConnection(ExportCatalog([EXPORT]), **options)
     greeting = sent(conn)
     conn.receive_data(struct.pack(">I", client_flags))
     return conn, greeting
@@ -295,6 +299,105 @@ def test_meta_context_for_another_export_name_is_not_kept():
     conn.receive_data(option(8))
     conn.receive_data(option(10, meta_data("nope", ["base:allocation"])))
     assert parse_option_replies(sent(conn))[-1][1] == ERR_UNKNOWN
+
+
+def test_option_limit_is_configurable_and_reported():
+    conn, _ = new_conn(max_option_length=1024)
+    conn.receive_data(option(6, bytes(1025)))
+    assert events(conn)[0] == OptionTooLarge(6, 1025, 1024)
+    assert parse_option_replies(sent(conn))[0][1] == ERR_TOO_BIG
+    conn.receive_data(option(6, go_data()))
+    assert parse_option_replies(sent(conn))[-1][1] == NBD_REP_ACK
+
+
+def test_huge_export_name_option_closes_without_buffering():
+    conn, _ = new_conn()
+    conn.receive_data(struct.pack(">QII", IHAVEOPT, 1, 0xFFFFFFFF) + bytes(1000))
+    assert isinstance(events(conn)[0], ProtocolViolation)
+    assert conn.closed and len(conn._in) == 0
+
+
+# --- TLS ---------------------------------------------------------------------------
+
+
+def start_tls(conn):
+    conn.receive_data(option(5))
+    assert parse_option_replies(sent(conn)) == [(5, NBD_REP_ACK, b"")]
+    assert isinstance(events(conn)[-1], StartTLS)
+
+
+@pytest.mark.parametrize("mode", [TlsMode.ON, TlsMode.REQUIRE])
+def test_starttls_is_acked_then_options_start_over_without_old_state(mode):
+    conn, _ = new_conn(tls=mode)
+    if mode is TlsMode.ON:
+        conn.receive_data(option(8))
+        assert parse_option_replies(sent(conn)) == [(8, NBD_REP_ACK, b"")]
+    start_tls(conn)
+    assert not conn.tls_active
+    conn.receive_data(option(3))  # decrypted early: held until the handshake is done
+    assert sent(conn) == b""
+    conn.tls_established()
+    assert conn.tls_active
+    assert parse_option_replies(sent(conn))[-1] == (3, NBD_REP_ACK, b"")
+    conn.receive_data(option(7, go_data()))
+    info = [d for _, k, d in parse_option_replies(sent(conn)) if k == NBD_REP_INFO][0]
+    assert info == struct.pack(">HQH", 0, EXPORT.size, FLAGS_WITHOUT_DF)  # structured replies forgotten
+    assert conn.in_transmission
+
+
+def test_second_starttls_is_invalid():
+    conn, _ = new_conn(tls=TlsMode.ON)
+    start_tls(conn)
+    conn.tls_established()
+    conn.receive_data(option(5))
+    assert parse_option_replies(sent(conn))[0][1] == ERR_INVALID
+
+
+def test_plain_text_behind_starttls_closes():
+    conn, _ = new_conn(tls=TlsMode.ON)
+    conn.receive_data(option(5) + option(3))
+    assert sent(conn) == b""
+    assert isinstance(events(conn)[-1], ProtocolViolation) and conn.closed
+
+
+def test_too_much_data_before_the_tls_handshake_ends_closes():
+    conn, _ = new_conn(tls=TlsMode.ON, max_option_length=1024)
+    start_tls(conn)
+    conn.receive_data(bytes(2000))
+    assert isinstance(events(conn)[-1], ProtocolViolation) and len(conn._in) == 0
+
+
+@pytest.mark.parametrize("code,data", [(3, b""), (6, go_data()), (7, go_data()), (8, b""), (99, b"x")])
+def test_require_mode_refuses_options_before_tls(code, data):
+    conn, _ = new_conn(tls=TlsMode.REQUIRE)
+    conn.receive_data(option(code, data))
+    assert parse_option_replies(sent(conn))[0][:2] == (code, ERR_TLS_REQD)
+    assert not conn.in_transmission
+
+
+def test_require_mode_refuses_huge_options_with_tls_reqd():
+    conn, _ = new_conn(tls=TlsMode.REQUIRE)
+    conn.receive_data(struct.pack(">QII", IHAVEOPT, 6, 1 << 20) + bytes(1 << 20))
+    assert parse_option_replies(sent(conn))[0][:2] == (6, ERR_TLS_REQD)
+
+
+def test_require_mode_export_name_before_tls_is_a_hard_close():
+    conn, _ = new_conn(tls=TlsMode.REQUIRE)
+    conn.receive_data(option(1, b"swap"))
+    assert sent(conn) == b""
+    assert isinstance(events(conn)[0], ProtocolViolation) and conn.closed
+
+
+def test_require_mode_allows_abort_before_tls():
+    conn, _ = new_conn(tls=TlsMode.REQUIRE)
+    conn.receive_data(option(2))
+    assert parse_option_replies(sent(conn)) == [(2, NBD_REP_ACK, b"")]
+
+
+def test_tls_established_without_starttls_is_a_bug():
+    conn, _ = new_conn(tls=TlsMode.ON)
+    with pytest.raises(RuntimeError):
+        conn.tls_established()
 
 
 # --- transmission -----------------------------------------------------------------

@@ -109,10 +109,12 @@ def nbdswap_status(state_dir: Path | str, timeout: float = 30) -> dict[str, Any]
 # Images, namespace, server
 
 
-def ensure_images(vm_dir: Path = VM_DIR) -> tuple[Path, Path]:
-    """Build (or find up to date) the guest kernel and initramfs."""
+def ensure_images(vm_dir: Path = VM_DIR, variant: str = "") -> tuple[Path, Path]:
+    """Build (or find up to date) the guest kernel and initramfs; variant "attach"
+    is the image whose guest runs `nbdswap attach` (e2e.client=attach)."""
     subprocess.run([str(REPO / "deploy" / "vm" / "build.sh"), str(vm_dir)], check=True)
-    return vm_dir / "vmlinuz", vm_dir / "initramfs.cpio.gz"
+    name = f"initramfs-{variant}.cpio.gz" if variant else "initramfs.cpio.gz"
+    return vm_dir / "vmlinuz", vm_dir / name
 
 
 def _pid_alive(pid: int) -> bool:
@@ -188,6 +190,14 @@ class Server:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"server not listening on port {port} after {timeout}s:\n{self.log}")
             time.sleep(0.2)
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, as far as its clients and its state dir can tell."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self.returncode = self.proc.returncode
+        self._stopped = True
 
     def stop(self, timeout: float = 30) -> int | None:
         """SIGTERM and wait; SIGKILL its process group if it does not exit.
@@ -285,9 +295,12 @@ def boot_vm(
     port: int = PORT,
     export: str = EXPORT,
     timeout: float = 900,
+    extra_append: str = "",
 ) -> VmResult:
     """Boot the guest in ns (its server must be listening) and wait until it powers off."""
     append = f"console=ttyS0 panic=-1 e2e.port={port} e2e.export={export} e2e.hog={hog_mib}"
+    if extra_append:
+        append += f" {extra_append}"
     argv = [
         "qemu-system-x86_64", "-accel", "tcg", "-cpu", "qemu64",  # no KVM on these machines
         "-m", str(mem_mib), "-smp", "1", "-nographic", "-no-reboot",

@@ -4,6 +4,8 @@
 #   OUTDIR/initramfs.cpio.gz   busybox-static, nbd-client + its libraries, the
 #                              kernel modules the guest needs, init, the hog,
 #                              deploy/guest/nbdtab (as /etc/nbdtab.template)
+#   OUTDIR/initramfs-attach.cpio.gz  the same plus Debian's python3 with just the
+#                              files `nbdswap attach` needs (tests/test_vm_attach.py)
 # Idempotent: each step is skipped while its outputs are newer than its inputs.
 # Needs root (dpkg -x, mknod) and Debian's apt for the kernel package.
 set -euo pipefail
@@ -19,6 +21,8 @@ KERNEL_META=linux-image-cloud-amd64
 MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
 	failover net_failover virtio_net nbd)
 BUSYBOX=/bin/busybox   # from busybox-static
+REPO=$(cd "$HERE/../.." && pwd)
+GUEST_PYTHON=/usr/bin/python3   # Debian's: its standard library goes into the guest
 NBD_CLIENT=$(command -v nbd-client || echo /usr/sbin/nbd-client)
 
 log() { echo "build.sh: $*" >&2; }
@@ -132,7 +136,37 @@ build_initramfs() {
 	mv "$out.new" "$out"
 }
 
+# A second cpio archive appended to the first: the kernel unpacks both, so the
+# attach image is the base image plus an interpreter and nbdswap's own files.
+build_attach_initramfs() {
+	local root=$TMP/attach out=$OUT/initramfs-attach.cpio.gz kind path lib
+	local -a listing sources libs inputs
+	mapfile -t listing < <(PYTHONPATH=$REPO "$GUEST_PYTHON" -S "$HERE/python-closure.py")
+	inputs=("$OUT/initramfs.cpio.gz" "$HERE/python-closure.py" "$HERE/build.sh" "$GUEST_PYTHON"
+		"$REPO"/nbdswap/*.py "$REPO"/nbdswap/*/*.py)
+	fresh "$out" "${inputs[@]}" && return
+	log "building ${out##*/}"
+	for path in "${listing[@]}"; do
+		kind=${path%% *} path=${path#* }
+		if [[ $kind == pkg ]]; then
+			install -D -m 644 "$REPO/$path" "$root/opt/nbdswap/$path"
+		else
+			install -D "$path" "$root$path"
+			[[ $path == *.so || $path == */bin/* ]] && sources+=("$path")
+		fi
+	done
+	mapfile -t libs < <(for path in "${sources[@]}"; do libs_of "$path"; done | sort -u)
+	for lib in "${libs[@]}"; do install -D "$(readlink -f "$lib")" "$root$lib"; done
+	ln -s python3.11 "$root/usr/bin/python3"
+	{ gzip -dc "$OUT/initramfs.cpio.gz"
+	  (cd "$root" && find . -print0 | LC_ALL=C sort -z |
+		cpio --null --create --format=newc --owner=0:0 --quiet)
+	} | gzip -9n >"$out.new"
+	mv "$out.new" "$out"
+}
+
 deb=$(kernel_deb)
 build_kernel "$deb"
 build_initramfs
+build_attach_initramfs
 log "ready: $OUT/vmlinuz $OUT/initramfs.cpio.gz"

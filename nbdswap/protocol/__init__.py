@@ -6,16 +6,19 @@ from .connection import (
     Export,
     ExportCatalog,
     OptionHandled,
+    OptionTooLarge,
     ProtocolViolation,
     Request,
     RequestRejected,
     ServerConnection,
+    StartTLS,
+    TlsMode,
     TransmissionStarted,
 )
 from .constants import AllocationState, Command, CommandFlag, Errno
 
 __all__ = [
     "AllocationState", "BASE_ALLOCATION_CONTEXT_ID", "Command", "CommandFlag", "Disconnect",
-    "Errno", "Export", "ExportCatalog", "OptionHandled", "ProtocolViolation", "Request",
-    "RequestRejected", "ServerConnection", "TransmissionStarted",
+    "Errno", "Export", "ExportCatalog", "OptionHandled", "OptionTooLarge", "ProtocolViolation",
+    "Request", "RequestRejected", "ServerConnection", "StartTLS", "TlsMode", "TransmissionStarted",
 ]

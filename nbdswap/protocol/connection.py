@@ -6,6 +6,14 @@ Feed received bytes to :meth:`ServerConnection.receive_data`, take events from
 full (it only needs the export catalogue); the transmission phase hands every
 *valid* request to the caller as a :class:`Request` and answers invalid ones itself
 with the error the spec asks for (reported as :class:`RequestRejected`).
+
+TLS: with :class:`TlsMode` ``ON`` or ``REQUIRE``, NBD_OPT_STARTTLS is acknowledged
+and reported as :class:`StartTLS`; the caller then runs the TLS handshake on its
+transport, feeds only decrypted bytes from then on and calls
+:meth:`ServerConnection.tls_established`, after which option haggling starts over.
+
+Memory is bounded whatever the peer sends: option payloads above the option limit
+and write payloads above the export's maximum are skipped, never buffered.
 """
 
 from __future__ import annotations
@@ -49,10 +57,20 @@ _U32 = struct.Struct(">I")
 SERVER_HANDSHAKE_FLAGS = int(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES)
 KNOWN_CLIENT_FLAGS = int(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)
 
-#: Option payloads above this are skipped without buffering and answered with an
-#: error: the longest valid option (a name and a few meta-context queries) is far
-#: smaller.
+#: Default limit of an option's payload: longer ones are skipped without buffering
+#: and answered with an error.  The longest valid option (a name and a few
+#: meta-context queries) is far smaller.
 MAX_OPTION_LENGTH = 64 * 1024
+
+
+class TlsMode(enum.Enum):
+    """How the server treats NBD_OPT_STARTTLS (the spec's NOTLS and FORCEDTLS modes,
+    and TLS offered but optional)."""
+
+    OFF = "off"
+    ON = "on"
+    REQUIRE = "require"
+
 
 BASE_ALLOCATION_CONTEXT_ID = 1
 
@@ -67,6 +85,9 @@ _COMMAND_FLAGS = {
     Command.WRITE_ZEROES: CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO,
     Command.BLOCK_STATUS: CommandFlag.REQ_ONE,
 }
+
+#: Options a server that requires TLS answers before TLS is active.
+_BEFORE_TLS = frozenset({Option.STARTTLS, Option.ABORT})
 
 #: Commands that address a range of the export.
 _RANGE_COMMANDS = frozenset(
@@ -164,6 +185,21 @@ class OptionHandled:
 
 
 @dataclass(frozen=True)
+class OptionTooLarge:
+    """An option's declared length is above the limit: its payload is being skipped."""
+
+    option: int
+    length: int
+    limit: int
+
+
+@dataclass(frozen=True)
+class StartTLS:
+    """NBD_OPT_STARTTLS was acknowledged: run the TLS handshake on the transport, then
+    call :meth:`ServerConnection.tls_established`."""
+
+
+@dataclass(frozen=True)
 class Disconnect:
     """The client ended the session (NBD_CMD_DISC or NBD_OPT_ABORT)."""
 
@@ -175,12 +211,14 @@ class ProtocolViolation:
     reason: str
 
 
-Event = TransmissionStarted | Request | RequestRejected | OptionHandled | Disconnect | ProtocolViolation
+Event = (TransmissionStarted | Request | RequestRejected | OptionHandled | OptionTooLarge
+         | StartTLS | Disconnect | ProtocolViolation)
 
 
 class _State(enum.Enum):
     CLIENT_FLAGS = "client flags"
     OPTIONS = "options"
+    STARTING_TLS = "starting TLS"
     TRANSMISSION = "transmission"
     CLOSED = "closed"
 
@@ -210,8 +248,12 @@ class ExportCatalog:
 class ServerConnection:
     """State machine of one connection: greeting → client flags → options → transmission."""
 
-    def __init__(self, catalog: ExportCatalog) -> None:
+    def __init__(self, catalog: ExportCatalog, *, tls: TlsMode = TlsMode.OFF,
+                 max_option_length: int = MAX_OPTION_LENGTH) -> None:
         self._catalog = catalog
+        self._tls_mode = tls
+        self._tls_active = False
+        self._max_option_length = max_option_length
         self._state = _State.CLIENT_FLAGS
         self._in = bytearray()
         self._pos = 0
@@ -240,6 +282,10 @@ class ServerConnection:
     def in_transmission(self) -> bool:
         return self._state is _State.TRANSMISSION
 
+    @property
+    def tls_active(self) -> bool:
+        return self._tls_active
+
     def receive_data(self, data: bytes) -> None:
         """Take bytes from the peer; events become available through next_event()."""
         if self._state is _State.CLOSED:
@@ -248,6 +294,20 @@ class ServerConnection:
             data = self._skip(data)
         if data:
             self._in += data
+        if self._state is _State.STARTING_TLS:
+            self._hold_until_tls()
+        else:
+            self._parse()
+
+    def tls_established(self) -> None:
+        """The TLS handshake after :class:`StartTLS` succeeded: haggling starts over
+        (the spec: no negotiation state from before STARTTLS is kept)."""
+        if self._state is not _State.STARTING_TLS:
+            raise RuntimeError("tls_established() without a pending STARTTLS")
+        self._tls_active = True
+        self._structured = False
+        self._meta_export, self._meta_contexts = None, ()
+        self._state = _State.OPTIONS
         self._parse()
 
     def next_event(self) -> Event | None:
@@ -324,13 +384,16 @@ class ServerConnection:
         return data
 
     def _parse(self) -> None:
-        while self._state is not _State.CLOSED and not self._discard:
-            if self._state is _State.CLIENT_FLAGS:
-                progressed = self._parse_client_flags()
-            elif self._state is _State.OPTIONS:
-                progressed = self._parse_option()
-            else:
+        while not self._discard:
+            state = self._state
+            if state is _State.TRANSMISSION:
                 progressed = self._parse_request()
+            elif state is _State.OPTIONS:
+                progressed = self._parse_option()
+            elif state is _State.CLIENT_FLAGS:
+                progressed = self._parse_client_flags()
+            else:  # closed, or waiting for the TLS handshake
+                break
             if not progressed:
                 break
         if self._pos:
@@ -363,16 +426,39 @@ class ServerConnection:
         if magic != IHAVEOPT:
             self._close(f"bad option magic {magic:#x}")
             return False
-        if length > MAX_OPTION_LENGTH:
-            self._pos += _OPTION_HEADER.size
-            reply = OptionReply.ERR_TOO_BIG if option in Option._value2member_map_ else OptionReply.ERR_UNSUP
-            self._discard_then(length, lambda: self._option_reply(option, reply, b"option too long"))
-            return True
+        if length > self._max_option_length:
+            return self._skip_option(option, length)
         if self._available() < _OPTION_HEADER.size + length:
             return False
         self._pos += _OPTION_HEADER.size
         self._handle_option(option, self._take(length))
         return True
+
+    def _skip_option(self, option: int, length: int) -> bool:
+        """Refuse an option above the length limit without buffering its payload."""
+        if option == Option.EXPORT_NAME:
+            # It cannot be answered with an error, and no export name is that long.
+            self._close(f"NBD_OPT_EXPORT_NAME of {length} bytes")
+            return False
+        self._pos += _OPTION_HEADER.size
+        self._events.append(OptionTooLarge(option, length, self._max_option_length))
+        if self._tls_required_for(option):
+            reply = OptionReply.ERR_TLS_REQD
+        elif option in Option._value2member_map_:
+            reply = OptionReply.ERR_TOO_BIG
+        else:
+            reply = OptionReply.ERR_UNSUP
+        self._discard_then(length, lambda: self._option_reply(option, reply, b"option too long"))
+        return True
+
+    def _tls_required_for(self, option: int) -> bool:
+        return (self._tls_mode is TlsMode.REQUIRE and not self._tls_active
+                and option not in _BEFORE_TLS)
+
+    def _hold_until_tls(self) -> None:
+        """Bytes decrypted before tls_established() wait for it, up to one option."""
+        if self._available() > _OPTION_HEADER.size + self._max_option_length:
+            self._close("too much data before the TLS handshake completed")
 
     def _option_reply(self, option: int, reply: OptionReply, data: bytes = b"") -> None:
         self._out.append(_OPTION_REPLY_HEADER.pack(OPTION_REPLY_MAGIC, option, reply, len(data)) + data)
@@ -381,6 +467,9 @@ class ServerConnection:
             self._events.append(OptionHandled(option, reply))
 
     def _handle_option(self, option: int, data: bytes) -> None:
+        if self._tls_required_for(option):
+            self._refuse_before_tls(option)
+            return
         handler = self._OPTION_HANDLERS.get(option)
         if handler is None:
             self._option_reply(option, OptionReply.ERR_UNSUP, b"unsupported option")
@@ -413,10 +502,27 @@ class ServerConnection:
             self._option_reply(option, OptionReply.SERVER, _U32.pack(len(name)) + name)
         self._option_reply(option, OptionReply.ACK)
 
+    def _refuse_before_tls(self, option: int) -> None:
+        """FORCEDTLS: every option but STARTTLS and ABORT needs TLS first."""
+        if option == Option.EXPORT_NAME:
+            self._close("NBD_OPT_EXPORT_NAME before TLS, which this server requires")
+        else:
+            self._option_reply(option, OptionReply.ERR_TLS_REQD, b"this server requires TLS (NBD_OPT_STARTTLS)")
+
     def _opt_starttls(self, option: int, data: bytes) -> None:
         if data:
             raise _InvalidOption("NBD_OPT_STARTTLS takes no data")
-        self._option_reply(option, OptionReply.ERR_POLICY, b"TLS is not offered by this server")
+        if self._tls_mode is TlsMode.OFF:
+            self._option_reply(option, OptionReply.ERR_POLICY, b"TLS is not offered by this server")
+        elif self._tls_active:
+            raise _InvalidOption("TLS is already active")
+        elif self._available():
+            # Plain text behind STARTTLS would be taken as sent over TLS.
+            self._close("the client sent data after NBD_OPT_STARTTLS without waiting for the reply")
+        else:
+            self._option_reply(option, OptionReply.ACK)
+            self._state = _State.STARTING_TLS
+            self._events.append(StartTLS())
 
     def _opt_info_go(self, option: int, data: bytes) -> None:
         name, requests = _parse_info_request(data)

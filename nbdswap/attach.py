@@ -1,0 +1,187 @@
+"""``nbdswap attach``: connect ``/dev/nbdX`` to an export and keep it connected.
+
+nbd-client 3.24 configures the device over netlink and leaves it: when the server
+restarts, the kernel fails the swap I/O in flight and processes die.  This client
+sets ``NBD_ATTR_DEAD_CONN_TIMEOUT``, so the kernel *waits* while the link is dead,
+stays resident, and on every LINK_DEAD notification dials the server again and hands
+the kernel the new socket with ``NBD_CMD_RECONFIGURE``.  Requests that were in flight
+are re-sent by the kernel at its next request-timeout check (30 s, or ``--timeout``).
+A ``--timeout`` other than 0 also makes the kernel drop a link whose server is merely
+slow, so the default is 0: a swap device should wait, not fail.
+
+It is itself on the swap path, so it locks its memory, marks itself an I/O flusher
+(the kernel then never makes it wait for memory reclaim that needs I/O), and asks the
+OOM killer to spare it.  Standard library only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+
+from .netlink import DeviceSettings, NbdNetlink
+from .nbdclient import HandshakeError, NegotiatedExport, negotiate, open_connection
+
+log = logging.getLogger("nbdswap.attach")
+
+MCL_CURRENT, MCL_FUTURE = 1, 2
+PR_SET_IO_FLUSHER = 57
+RECONNECT_BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+
+
+@dataclass(frozen=True)
+class AttachOptions:
+    server: str
+    index: int
+    export: str = "swap"
+    block_size: int = 4096
+    connections: int = 1
+    timeout: int = 0
+    dead_connection_timeout: int = 3600
+    connect_timeout: float = 10.0
+
+    @property
+    def backend(self) -> str:
+        """Identifies the export to the kernel: a RECONFIGURE must name the same one."""
+        return f"nbdswap {self.server} {self.export}"
+
+
+def device_index(device: str) -> int:
+    """``/dev/nbd3``, ``nbd3`` or ``3`` → 3."""
+    match = re.fullmatch(r"(?:/dev/)?(?:nbd)?(\d+)", device)
+    if not match:
+        raise ValueError(f"{device!r} is not an NBD device (expected /dev/nbdN)")
+    return int(match.group(1))
+
+
+def stay_resident() -> None:
+    """Never be paged out, never wait on reclaim that needs our I/O, never be OOM-killed."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    # Not MCL_ONFAULT: every page is faulted in and locked now, so that repairing a
+    # dead link later needs as little new memory as possible (it may be the very
+    # memory that is waiting for this link to swap out).
+    if libc.mlockall(MCL_CURRENT | MCL_FUTURE) != 0:
+        log.warning("mlockall failed: %s", os.strerror(ctypes.get_errno()))
+    if libc.prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0:
+        log.warning("PR_SET_IO_FLUSHER failed: %s", os.strerror(ctypes.get_errno()))
+    try:
+        with open("/proc/self/oom_score_adj", "w") as handle:
+            handle.write("-1000")
+    except OSError as error:
+        log.warning("cannot set oom_score_adj: %s", error)
+
+
+def dial(options: AttachOptions) -> tuple[socket.socket, NegotiatedExport]:
+    """A socket negotiated into the transmission phase of the export."""
+    sock = open_connection(options.server, options.connect_timeout)
+    try:
+        export = negotiate(sock, options.export)
+        if options.block_size % max(export.minimum_block_size, 1) or \
+                options.block_size > export.maximum_payload:
+            raise HandshakeError(f"block size {options.block_size} does not fit the server's "
+                                 f"constraints (minimum {export.minimum_block_size})")
+    except BaseException:
+        sock.close()
+        raise
+    sock.settimeout(None)
+    return sock, export
+
+
+def dial_until_connected(options: AttachOptions) -> tuple[socket.socket, NegotiatedExport]:
+    """Retry :func:`dial` with backoff until the server answers (it is restarting)."""
+    attempt = 0
+    while True:
+        try:
+            return dial(options)
+        except (OSError, HandshakeError) as error:
+            delay = RECONNECT_BACKOFF[min(attempt, len(RECONNECT_BACKOFF) - 1)]
+            if attempt % 20 == 0:
+                log.warning("server %s not reachable (%s); retrying", options.server, error)
+            attempt += 1
+            time.sleep(delay)
+
+
+def attach(options: AttachOptions) -> None:
+    """Connect (or re-attach to) the device, then repair dead links until SIGTERM.
+
+    SIGTERM leaves the device connected: a restarted attach re-adopts it.
+    """
+    stay_resident()
+    netlink = NbdNetlink()
+    netlink.listen()
+    if netlink.is_connected(options.index):
+        log.info("/dev/nbd%d is already connected: re-adopting it", options.index)
+        _replace_dead_links(netlink, options, options.connections)
+    else:
+        _connect(netlink, options)
+    _rehearse_reconnection(options)
+    print(f"nbdswap attach: /dev/nbd{options.index} connected to {options.export!r} "
+          f"on {options.server}", flush=True)
+    while True:
+        dead = netlink.dead_links(options.index, timeout=None)
+        if dead:
+            log.warning("/dev/nbd%d: %d connection(s) died; reconnecting", options.index, dead)
+            _replace_dead_links(netlink, options, dead)
+
+
+def _connect(netlink: NbdNetlink, options: AttachOptions) -> None:
+    connections = [dial_until_connected(options) for _ in range(options.connections)]
+    sockets = [sock for sock, _ in connections]
+    export = connections[0][1]
+    settings = DeviceSettings(
+        size=export.size, block_size=options.block_size, server_flags=export.transmission_flags,
+        timeout=options.timeout, dead_connection_timeout=options.dead_connection_timeout,
+        backend=options.backend)
+    try:
+        netlink.connect(options.index, settings, [sock.fileno() for sock in sockets])
+    finally:
+        for sock in sockets:  # the kernel holds its own references now
+            sock.close()
+
+
+def _rehearse_reconnection(options: AttachOptions) -> None:
+    """Dial and negotiate once more now, while memory is plentiful, so that the code
+    and buffers of a real reconnection are already paged in and locked."""
+    sock, _ = dial_until_connected(options)
+    sock.close()
+    gc.collect()
+    gc.freeze()
+
+
+def _replace_dead_links(netlink: NbdNetlink, options: AttachOptions, count: int) -> None:
+    for _ in range(count):
+        sock, _ = dial_until_connected(options)
+        try:
+            netlink.reconfigure(options.index, options.backend, [sock.fileno()])
+        finally:
+            sock.close()
+        log.info("/dev/nbd%d: reconnected", options.index)
+
+
+def detach(index: int) -> None:
+    netlink = NbdNetlink()
+    try:
+        netlink.disconnect(index)
+    finally:
+        netlink.close()
+
+
+def run_attach(options: AttachOptions) -> int:
+    """Entry point of ``nbdswap attach``: exits 0 on SIGTERM/SIGINT."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        attach(options)
+    except KeyboardInterrupt:
+        pass
+    except (OSError, HandshakeError) as error:
+        print(f"nbdswap attach: {error}", file=sys.stderr)
+        return 1
+    return 0

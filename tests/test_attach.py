@@ -1,0 +1,84 @@
+"""`nbdswap attach` pieces that run without a kernel NBD device: the client
+handshake against a real server, netlink message encoding, argument parsing.
+(tests/test_vm_attach.py runs the whole thing in a guest kernel.)"""
+
+import os
+import struct
+import subprocess
+
+import pytest
+
+from nbdswap import netlink
+from nbdswap.attach import device_index
+from nbdswap.nbdclient import HandshakeError, negotiate, open_connection
+from nbdswap.protocol.constants import TransmissionFlag
+from nbdutil import nbdswap_command
+
+
+def test_handshake_against_a_live_server(server):
+    with open_connection(f"unix://{server.socket}", timeout=10) as sock:
+        export = negotiate(sock, "swap")
+    assert export.size == 256 << 20
+    assert export.transmission_flags & TransmissionFlag.SEND_TRIM
+    assert export.transmission_flags & TransmissionFlag.SEND_FLUSH
+    assert (export.minimum_block_size, export.preferred_block_size) == (512, 4096)
+
+
+def test_handshake_for_an_unknown_export_says_so(server):
+    with open_connection(f"unix://{server.socket}", timeout=10) as sock:
+        with pytest.raises(HandshakeError, match="ERR_UNKNOWN"):
+            negotiate(sock, "nope")
+
+
+def test_handshake_with_something_that_is_not_nbd(tmp_path):
+    import socket
+    import threading
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "http.sock"))
+    listener.listen()
+
+    def answer():
+        conn, _ = listener.accept()
+        conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        conn.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    with open_connection(f"unix://{tmp_path / 'http.sock'}", timeout=10) as sock:
+        with pytest.raises(HandshakeError):
+            negotiate(sock, "swap")
+    listener.close()
+
+
+def test_socket_list_encodes_nested_items():
+    encoded = netlink._sockets([5, 9])
+    ((kind, payload),) = netlink.iter_attributes(encoded)
+    assert kind == netlink.NBD_ATTR_SOCKETS
+    items = [netlink.parse_attributes(item) for _, item in netlink.iter_attributes(payload)]
+    assert [struct.unpack("=I", item[netlink.NBD_SOCK_FD])[0] for item in items] == [5, 9]
+
+
+def test_attributes_are_padded_to_four_bytes():
+    encoded = netlink.string(netlink.NBD_ATTR_BACKEND_IDENTIFIER, "abcde") + netlink.u64(2, 7)
+    assert len(encoded) % 4 == 0
+    parsed = netlink.parse_attributes(encoded)
+    assert parsed[netlink.NBD_ATTR_BACKEND_IDENTIFIER] == b"abcde\0"
+    assert struct.unpack("=Q", parsed[2]) == (7,)
+
+
+@pytest.mark.parametrize("device,index", [("/dev/nbd0", 0), ("nbd12", 12), ("3", 3)])
+def test_device_names(device, index):
+    assert device_index(device) == index
+
+
+def test_bad_device_name_is_a_clear_error():
+    result = subprocess.run(nbdswap_command() + ["attach", "127.0.0.1", "/dev/sda"],
+                            capture_output=True, timeout=30)
+    assert result.returncode == 2 and b"not an NBD device" in result.stderr
+
+
+@pytest.mark.skipif(os.path.exists("/sys/module/nbd"), reason="would attach a real device here")
+def test_without_the_nbd_module_attach_fails_cleanly(server):
+    result = subprocess.run(nbdswap_command() + ["attach", f"unix://{server.socket}", "/dev/nbd0"],
+                            capture_output=True, timeout=30)
+    assert result.returncode == 1
+    assert b"nbd" in result.stderr and b"Traceback" not in result.stderr

@@ -1,0 +1,522 @@
+"""Metrics, dashboards and alerts, checked against a real Prometheus scraping a live
+nbdswap under load: every dashboard query must parse and return data."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from nbdswap.device import BlockDevice
+from nbdswap.errors import CorruptBlockError
+from nbdswap.metrics import LATENCY_BUCKETS_SECONDS, LatencyHistogram, NbdswapCollector
+from nbdswap.protocol import Command, Request
+from nbdswap.status_view import render_status
+from nbdutil import SYSTEM_PATH, ServerProcess, nbdsh, nbdswap_command, run_client
+
+ROOT = Path(__file__).resolve().parent.parent
+DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
+PROVISIONING = ROOT / "grafana" / "provisioning"
+PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
+#: What Grafana puts in place of its built-in variables when the test runs a query.
+GRAFANA_BUILTINS = {"$__rate_interval": "30s", "$__range": "2m"}
+#: Label names the exporter may use; a block number must never become a label.
+ALLOWED_LABELS = {"op", "errno", "tier", "version", "python", "export", "le"}
+MiB = 1 << 20
+
+
+# --- a live server, a real Prometheus, load --------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def http_get(url: str, params: dict | None = None) -> bytes:
+    if params:
+        url += "?" + urllib.parse.urlencode(params)
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return response.read()
+
+
+def wait_until(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+class PrometheusProcess:
+    """Debian's ``prometheus`` on a free loopback port, with its own storage,
+    scraping one target every second and evaluating the deploy/ alert rules."""
+
+    def __init__(self, workdir: Path, target: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = workdir / "prometheus.yml"
+        config.write_text(json.dumps({
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(PROMETHEUS_DIR / "nbdswap-rules.yml")],
+            "scrape_configs": [{"job_name": "nbdswap", "static_configs": [{"targets": [target]}]}],
+        }))
+        self.log_path = workdir / "prometheus.log"
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
+                 f"--web.listen-address=127.0.0.1:{self.port}"],
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PATH": SYSTEM_PATH})
+        wait_until(self._ready, "Prometheus to be ready")
+
+    def _ready(self) -> bool:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"prometheus exited:\n{self.log_path.read_text()}")
+        try:
+            return http_get(self.url + "/-/ready") is not None
+        except OSError:
+            return False
+
+    def api(self, path: str, **params) -> dict | list:
+        answer = json.loads(http_get(f"{self.url}/api/v1/{path}", params))
+        assert answer["status"] == "success", answer
+        return answer["data"]
+
+    def query(self, expr: str, at: float) -> list[dict]:
+        data = self.api("query", query=expr, time=f"{at:.3f}")
+        assert data["resultType"] == "vector", (expr, data)
+        return data["result"]
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class Live:
+    """What the module's tests share: server, Prometheus and what was seen under load."""
+
+    server: ServerProcess
+    prometheus: PrometheusProcess
+    target: str
+    metrics_under_load: str
+    status_under_load: str
+    evaluated_at: float
+
+    def metrics(self) -> str:
+        return http_get(f"http://{self.target}/metrics").decode()
+
+
+FILL_SCRIPT = """
+import errno, random
+rng = random.Random(7)
+offset = 128 << 20
+while True:
+    try:
+        h.pwrite(rng.randbytes(1 << 20), offset)
+    except nbd.Error as error:
+        assert error.errnum == errno.ENOSPC, error
+        break
+    offset += 1 << 20
+"""
+
+OPERATIONS_SCRIPT = """
+import errno
+h.pwrite(bytes(4096) + b"\\x5a" * 4096, 0)
+h.pread(8192, 0)
+h.trim(4096, 0)
+h.zero(4096, 8192, nbd.CMD_FLAG_NO_HOLE)
+h.flush()
+h.cache(4096, 0)
+h.block_status(1 << 20, 0, lambda *args: 0)
+try:
+    h.pread(4096, 100)
+except nbd.Error as error:
+    assert error.errnum == errno.EINVAL
+"""
+
+
+def run_fio_while(live: Live) -> None:
+    """Random reads and writes for a few seconds; sample /metrics and the status
+    view while they run."""
+    fio = subprocess.Popen(
+        ["fio", "--name=load", "--ioengine=nbd", f"--uri={live.server.uri}", "--rw=randrw",
+         "--bs=4k", "--iodepth=16", "--size=32M", "--time_based", "--runtime=5",
+         "--buffer_compress_percentage=60", "--refill_buffers", "--output-format=terse"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PATH": SYSTEM_PATH})
+    try:
+        time.sleep(2)
+        live.metrics_under_load = live.metrics()
+        live.status_under_load = subprocess.run(
+            nbdswap_command() + ["status", "--state-dir", str(live.server.state_dir), "--interval", "1"],
+            capture_output=True, check=True, timeout=30, env={**os.environ, "COLUMNS": "160"},
+        ).stdout.decode()
+    finally:
+        assert fio.wait(60) == 0, fio.stderr.read().decode()
+
+
+def scraped_value(live: Live, expr: str) -> float | None:
+    result = live.prometheus.query(expr, time.time())
+    return float(result[0]["value"][1]) if result else None
+
+
+def generate_load(live: Live) -> None:
+    wait_until(lambda: scraped_value(live, 'nbdswap_request_errors_total{errno="ENOSPC", op="write"}') == 0,
+               "a first scrape of the idle server")
+    run_fio_while(live)
+    nbdsh(live.server.uri, OPERATIONS_SCRIPT)
+    nbdsh(live.server.uri, FILL_SCRIPT)
+    requests = float(re.search(r'^nbdswap_requests_total\{op="write"\} (\S+)$', live.metrics(), re.M)[1])
+    wait_until(lambda: scraped_value(live, 'nbdswap_requests_total{op="write"}') == requests,
+               "Prometheus to scrape the final counters")
+    live.evaluated_at = time.time()
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("metrics")
+    state = Live()
+    state.target = f"127.0.0.1:{free_port()}"
+    state.server = ServerProcess(workdir, size="512M", ram_max="2M", disk_max="64M",
+                                 extra=("--metrics", state.target))
+    try:
+        state.server.start()
+        state.prometheus = PrometheusProcess(workdir, state.target)
+        try:
+            generate_load(state)
+            yield state
+        finally:
+            state.prometheus.stop()
+    finally:
+        state.server.cleanup()
+
+
+# --- the exporter ------------------------------------------------------------------
+
+
+def promtool(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["promtool", *args], input=stdin, capture_output=True, text=True, timeout=60,
+                          cwd=PROMETHEUS_DIR, env={**os.environ, "PATH": SYSTEM_PATH})
+
+
+def test_metrics_under_load_pass_promtool(live):
+    result = promtool("check", "metrics", stdin=live.metrics_under_load)
+    assert result.returncode == 0 and not result.stdout.strip() and not result.stderr.strip(), result
+
+
+def test_exported_families_follow_the_conventions(live):
+    families = {family.name: family for family in text_string_to_metric_families(live.metrics())}
+    for family in families.values():
+        assert family.name.startswith(("nbdswap_", "process_")), family.name
+        assert family.documentation, family.name
+        for sample in family.samples:
+            assert set(sample.labels) <= ALLOWED_LABELS, sample
+    assert families["nbdswap_request_duration_seconds"].type == "histogram"
+    assert families["nbdswap_requests"].type == "counter"
+    (build,) = families["nbdswap_build_info"].samples
+    assert build.value == 1 and set(build.labels) == {"version", "python"}
+    tiers = {s.labels["tier"] for s in families["nbdswap_tier_capacity_bytes"].samples}
+    assert tiers >= {"ram", "disk"}
+
+
+def test_histograms_are_cumulative_and_count_every_request(live):
+    text = live.metrics()
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    requests = {s.labels["op"]: s.value for s in families["nbdswap_requests"].samples
+                if s.name == "nbdswap_requests_total"}
+    histogram = families["nbdswap_request_duration_seconds"].samples
+    for op, total in requests.items():
+        buckets = [s for s in histogram if s.name.endswith("_bucket") and s.labels["op"] == op]
+        counts = [s.value for s in buckets]
+        assert counts == sorted(counts) and len(buckets) == len(LATENCY_BUCKETS_SECONDS) + 1
+        assert buckets[-1].labels["le"] == "+Inf" and counts[-1] == total, op
+    assert requests["read"] > 1000 and requests["write"] > 1000
+    for op in ("trim", "write_zeroes", "flush", "cache", "block_status"):
+        assert requests[op] >= 1, op
+
+
+def test_errors_are_counted_by_operation_and_errno(live):
+    text = live.metrics()
+    assert re.search(r'^nbdswap_request_errors_total\{errno="ENOSPC",op="write"\} [1-9]', text, re.M)
+    assert re.search(r'^nbdswap_request_errors_total\{errno="EINVAL",op="read"\} 1\.0$', text, re.M)
+    assert re.search(r'^nbdswap_request_errors_total\{errno="EIO",op="read"\} 0\.0$', text, re.M)
+
+
+def test_latency_histogram_buckets_are_inclusive_upper_bounds():
+    histogram = LatencyHistogram()
+    for nanoseconds in (1, 5_000, 5_001, 10**12):
+        histogram.observe(nanoseconds)
+    buckets, seconds = histogram.cumulative()
+    assert buckets[0] == ("5e-06", 2) and buckets[1] == ("1e-05", 3)
+    assert buckets[-1] == ("+Inf", 4) and buckets[-2][1] == 3
+    assert seconds == pytest.approx(1000 + 10_002e-9)
+
+
+class FakeStore:
+    """Serves ``stats`` given to it; reads fail as corrupt."""
+
+    def __init__(self, stats: dict) -> None:
+        self._stats = stats
+
+    def stats(self) -> dict:
+        return self._stats
+
+    async def read(self, offset: int, length: int) -> bytes:
+        raise CorruptBlockError("block 3 failed its checksum")
+
+
+class FakeConnection:
+    def __init__(self) -> None:
+        self.errors = []
+
+    def reply_error(self, request, errno, message) -> None:
+        self.errors.append(errno.name)
+
+
+class FakeServer:
+    connections = frozenset()
+
+
+REMOTE_STATS = {
+    "tiers": {
+        "ram": {"blocks": 2, "stored_bytes": 900, "used_bytes": 1024, "capacity_bytes": 4096},
+        "remote": {"blocks": 5, "stored_bytes": 7000, "used_bytes": 7000, "capacity_bytes": 1 << 30,
+                   "up": True, "errors_total": 3, "endpoint": "redis://10.0.0.1:6379/0"},
+    },
+    "map": {"blocks": 9, "bytes": 8192},
+    "zero_blocks": 1, "same_filled_blocks": 1, "lost_blocks": 0,
+}
+
+
+async def test_a_new_tier_and_its_health_fields_are_exported_without_changes():
+    device = BlockDevice(FakeStore(REMOTE_STATS), "swap", 64 * MiB)
+    connection = FakeConnection()
+    await device.execute(Request(cookie=1, command=Command.READ, flags=0, offset=12288, length=4096),
+                         connection)
+    assert connection.errors == ["EIO"] and device.corrupt_block_errors == 1
+    registry = CollectorRegistry()
+    registry.register(NbdswapCollector(device, device.store, FakeServer()))
+    text = generate_latest(registry).decode()
+    assert 'nbdswap_tier_up{tier="remote"} 1.0' in text
+    assert "# TYPE nbdswap_tier_errors_total counter" in text
+    assert 'nbdswap_tier_errors_total{tier="remote"} 3.0' in text
+    assert 'nbdswap_tier_logical_bytes{tier="remote"} 20480.0' in text
+    assert "endpoint" not in text
+    assert "nbdswap_corrupt_block_errors_total 1.0" in text
+    assert 'nbdswap_request_duration_seconds_count{op="read"} 1.0' in text
+    result = promtool("check", "metrics", stdin=text)
+    assert result.returncode == 0 and not result.stdout.strip(), result
+
+
+# --- dashboards against the real Prometheus ----------------------------------------
+
+
+def dashboard_queries() -> list[tuple[str, str, str]]:
+    """``(dashboard file, panel title, expr)`` of every panel target."""
+    queries = []
+    for path in DASHBOARDS:
+        for panel in json.loads(path.read_text())["panels"]:
+            for target in panel.get("targets", []):
+                queries.append((path.name, panel["title"], target["expr"]))
+    return queries
+
+
+def grafana_substitute(expr: str, instance: str) -> str:
+    for variable, value in GRAFANA_BUILTINS.items():
+        expr = expr.replace(variable, value)
+    return expr.replace("$instance", instance)
+
+
+def test_dashboards_exist_with_queries():
+    assert {path.stem for path in DASHBOARDS} == {"nbdswap-overview", "nbdswap-tiers", "nbdswap-reliability"}
+    assert len(dashboard_queries()) >= 30
+
+
+@pytest.mark.parametrize("dashboard, panel, expr", dashboard_queries(),
+                         ids=[f"{d}:{p}:{i}" for i, (d, p, _) in enumerate(dashboard_queries())])
+def test_every_panel_query_returns_data(live, dashboard, panel, expr):
+    result = live.prometheus.query(grafana_substitute(expr, live.target), live.evaluated_at)
+    assert result, f"{dashboard} / {panel}: no data for {expr}"
+    values = [float(sample["value"][1]) for sample in result]
+    assert any(math.isfinite(value) for value in values), (panel, expr, values)
+
+
+def test_every_metric_a_dashboard_queries_is_exported(live):
+    exported = set(live.prometheus.api("label/__name__/values"))
+    used = {name for _, _, expr in dashboard_queries()
+            for name in re.findall(r"\b((?:nbdswap|process)_[a-z0-9_]+|up)\s*\{", expr)}
+    assert used and used <= exported, used - exported
+
+
+def test_instance_variable_lists_the_server(live):
+    values = live.prometheus.api("label/instance/values", **{"match[]": "nbdswap_build_info"})
+    assert values == [live.target]
+
+
+def test_real_prometheus_loads_the_rules_and_fires_on_enospc(live):
+    groups = live.prometheus.api("rules")["groups"]
+    rules = [rule for group in groups for rule in group["rules"]]
+    assert len(rules) == 7 and all(rule["health"] == "ok" for rule in rules), rules
+
+    def enospc_firing() -> bool:
+        alerts = live.prometheus.api("alerts")["alerts"]
+        return any(a["labels"]["alertname"] == "NbdswapEnospcReturned" and a["state"] == "firing"
+                   for a in alerts)
+    wait_until(enospc_firing, "the ENOSPC alert to fire", timeout=30)
+
+
+# --- dashboard structure (Grafana's dashboard JSON model, schemaVersion >= 39) -------
+
+PANEL_TYPES = {"row", "timeseries", "stat", "bargauge", "heatmap"}
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+DASHBOARD_FIELDS = {"uid": str, "title": str, "description": str, "schemaVersion": int, "version": int,
+                    "editable": bool, "graphTooltip": int, "panels": list, "templating": dict,
+                    "annotations": dict, "time": dict, "timepicker": dict, "timezone": str,
+                    "refresh": str, "tags": list, "links": list}
+
+
+def _check_top_level(dashboard: dict) -> None:
+    for field, kind in DASHBOARD_FIELDS.items():
+        assert isinstance(dashboard.get(field), kind), field
+    assert dashboard["schemaVersion"] >= 39
+    assert re.fullmatch(r"[A-Za-z0-9_-]{1,40}", dashboard["uid"])
+    assert "nbdswap" in dashboard["tags"]
+    assert set(dashboard["time"]) == {"from", "to"}
+
+
+def _check_variables(dashboard: dict) -> None:
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    instance = variables["instance"]
+    assert instance["type"] == "query" and instance["datasource"] == DATASOURCE
+    assert instance["multi"] and instance["includeAll"] and instance["allValue"] == ".+"
+    assert instance["query"]["query"] == instance["definition"] == "label_values(nbdswap_build_info, instance)"
+
+
+def _check_layout(panels: list[dict]) -> None:
+    cells: set[tuple[int, int]] = set()
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert set(grid) == {"h", "w", "x", "y"} and all(isinstance(v, int) for v in grid.values())
+        assert grid["x"] >= 0 and grid["w"] >= 1 and grid["x"] + grid["w"] <= 24 and grid["h"] >= 1
+        area = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"])
+                for y in range(grid["y"], grid["y"] + grid["h"])}
+        assert not area & cells, f"{panel['title']} overlaps another panel"
+        cells |= area
+
+
+def _check_panel(panel: dict) -> None:
+    assert panel["type"] in PANEL_TYPES and panel["title"]
+    if panel["type"] == "row":
+        assert panel["gridPos"]["w"] == 24 and panel["panels"] == []
+        return
+    assert panel["description"] and panel["datasource"] == DATASOURCE
+    assert isinstance(panel["fieldConfig"]["defaults"]["unit"], str)
+    assert isinstance(panel["fieldConfig"]["overrides"], list) and isinstance(panel["options"], dict)
+    ref_ids = [target["refId"] for target in panel["targets"]]
+    assert ref_ids and len(set(ref_ids)) == len(ref_ids)
+    for target in panel["targets"]:
+        assert target["datasource"] == DATASOURCE and "legendFormat" in target
+        _check_expr(target["expr"])
+
+
+def _check_expr(expr: str) -> None:
+    """Known variables only, and every selector limited to the chosen instances."""
+    for variable in re.findall(r"\$[A-Za-z_]+", expr):
+        assert variable in GRAFANA_BUILTINS or variable == "$instance", (variable, expr)
+    for matchers in re.findall(r"[a-z_]+\{([^}]*)\}", expr):
+        assert 'instance=~"$instance"' in matchers, expr
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=[p.stem for p in DASHBOARDS])
+def test_dashboard_follows_grafanas_model(path):
+    dashboard = json.loads(path.read_text())
+    _check_top_level(dashboard)
+    _check_variables(dashboard)
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(set(ids)) == len(ids) and all(isinstance(i, int) and i > 0 for i in ids)
+    _check_layout(dashboard["panels"])
+    for panel in dashboard["panels"]:
+        _check_panel(panel)
+
+
+def test_dashboard_uids_and_titles_are_unique():
+    dashboards = [json.loads(path.read_text()) for path in DASHBOARDS]
+    assert len({d["uid"] for d in dashboards}) == len({d["title"] for d in dashboards}) == len(dashboards)
+
+
+def load_yaml(path: Path):
+    """YAML through Debian's python3-yaml (the test venv has no YAML parser)."""
+    out = run_client(["python3", "-c", "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)"],
+                     input=path.read_bytes())
+    return json.loads(out.stdout)
+
+
+def test_grafana_provisioning_points_at_the_dashboards_and_a_prometheus():
+    datasources = load_yaml(PROVISIONING / "datasources" / "nbdswap.yaml")
+    (datasource,) = datasources["datasources"]
+    assert datasources["apiVersion"] == 1 and datasource["type"] == "prometheus"
+    assert datasource["url"] == "${NBDSWAP_PROMETHEUS_URL}"
+    providers = load_yaml(PROVISIONING / "dashboards" / "nbdswap.yaml")
+    (provider,) = providers["providers"]
+    assert providers["apiVersion"] == 1 and provider["type"] == "file"
+    assert provider["options"]["path"] == "${NBDSWAP_GRAFANA_DIR}/dashboards"
+    assert DASHBOARDS and all(path.parent.name == "dashboards" for path in DASHBOARDS)
+
+
+# --- alert rules -------------------------------------------------------------------
+
+
+def test_promtool_checks_the_rules_and_the_scrape_config():
+    for args in (("check", "rules", "nbdswap-rules.yml"), ("check", "config", "prometheus.yml")):
+        result = promtool(*args)
+        assert result.returncode == 0, result
+
+
+def test_alert_rules_pass_their_unit_tests():
+    result = promtool("test", "rules", "nbdswap-rules.test.yml")
+    assert result.returncode == 0 and "SUCCESS" in result.stdout, result
+
+
+# --- nbdswap status ----------------------------------------------------------------
+
+
+def test_status_view_shows_tiers_map_and_recent_rates(live):
+    out = live.status_under_load
+    for text in ("tiers", "ram", "disk", "block map", "requests (rates over the last", "req/s"):
+        assert text in out, (text, out)
+    assert re.search(r"│ read .* \d[\d.]* (µs|ms) │", out), out
+
+
+def test_status_rates_come_from_the_servers_clock():
+    from rich.console import Console
+
+    before = {"uptime_seconds": 10.0, "requests": {"read": 100}, "request_bytes": {"read": 409600},
+              "request_seconds": {"read": 0.001}}
+    after = {"uptime_seconds": 12.0, "requests": {"read": 300}, "request_bytes": {"read": 1228800},
+             "request_seconds": {"read": 0.005}, "tiers": {"ram": {"blocks": 4, "stored_bytes": 4096,
+                                                                   "capacity_bytes": 8192}}}
+    console = Console(record=True, width=160)
+    render_status(after, before, console)
+    out = console.export_text()
+    assert "rates over the last 2.0 s" in out and "100.0" in out and "400.0 KiB/s" in out
+    assert "20 µs" in out and "4.00x" in out and "50.0 %" in out
+    console = Console(record=True, width=160)
+    render_status(before | {"uptime_seconds": 1.0}, after, console)  # the server restarted
+    assert "req/s" not in console.export_text()
