@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 PROMOTE_RULES = ("always", "second", "never")
 #: Map entries the CLOCK hand or a drain scan looks at per batch (bounds loop stalls).
-SCAN_LIMIT = 2048
+SCAN_LIMIT = 256
 #: Reads remembered for the ``second`` promotion rule, and promotions queued.
 RECENT_READS_LIMIT = 65536
 PROMOTION_QUEUE_LIMIT = 4096

@@ -96,10 +96,8 @@ LOCAL_TIERS = (RamTier, DiskTier)
 #: What a read or write sets a block's :attr:`Store.heat` to; the policy's CLOCK hand
 #: takes one off per pass, and demotes blocks it finds at zero.
 HOT = 3
-#: Why blocks move (the ``reason`` of :meth:`Store.move`, a label of the move counters).
-MOVE_REASONS = ("demote", "promote", "drain", "manual")
 
-#: An Observer hears of every read served from a tier slower than RAM.
+#: Called with ``(block, tier id)`` for every read served from a tier slower than RAM.
 SlowReadObserver = Callable[[int, int], None]
 
 class _Batch:
