@@ -18,7 +18,7 @@ APT_PACKAGES := python3-venv libnbd-bin python3-libnbd qemu-utils nbdkit nbd-cli
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test deps venv vm-image clean
+.PHONY: run test bench deps venv vm-image clean
 
 run: venv
 	mkdir -p $(STATE_DIR)
@@ -27,6 +27,11 @@ run: venv
 
 test: deps venv vm-image
 	NBDSWAP_VM_DIR=$(VM_DIR) $(VPY) -m pytest -ra
+
+# Benchmarks against nbdkit in the same run (bench/RESULTS.md); BENCH_ARGS=--quick
+# for short jobs, --vm to add the VM swap wall time.
+bench: deps venv
+	$(VPY) bench/fio_compare.py $(BENCH_ARGS)
 
 venv: $(VENV)/.installed
 

@@ -34,6 +34,9 @@ CHECKSUM_MASK = 0xFFFF_FFFF
 _COMPRESSOR = zstandard.ZstdCompressor(
     compression_params=zstandard.ZstdCompressionParameters.from_level(
         1,
+        # Tunes window and tables for 4 KiB inputs: about 1.5 % smaller pages than
+        # zstd's defaults for inputs of unknown size (bench/corpus.py report).
+        source_size=PAGE_SIZE,
         format=zstandard.FORMAT_ZSTD1_MAGICLESS,
         write_content_size=0,
         write_checksum=0,

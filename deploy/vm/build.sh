@@ -16,6 +16,10 @@ GUEST=$(cd "$HERE/../guest" && pwd)  # deploy/guest/nbdtab goes into the image
 mkdir -p "$1/cache"
 OUT=$(cd "$1" && pwd)
 CACHE=$OUT/cache
+# One build at a time per OUTDIR: concurrent test runs would interleave the
+# same temporary files.
+exec {lock}>"$OUT/.lock"
+flock "$lock"
 KERNEL_META=linux-image-cloud-amd64
 # Load order of the guest's insmod (there is no modules.dep); init repeats it.
 MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci

@@ -1,0 +1,102 @@
+"""Smoke tests of the benchmark tools in bench/ (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+PAGE = 4096
+
+
+def run(*args: str, timeout: float = 300) -> str:
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def tiny_corpus(path: Path) -> dict[str, int]:
+    """8 zero, 4 same-filled, 12 text-like, 4 random pages (one text page twice)."""
+    rng = random.Random(5)
+    pages = [bytes(PAGE)] * 8
+    pages += [(0x0101010101010101 * (i + 1)).to_bytes(8, "little") * (PAGE // 8) for i in range(4)]
+    words = [b"swap", b"page", b"kernel", b"memory", b"block", b"tier"]
+    text = [(b" ".join(rng.choice(words) for _ in range(1000)))[:PAGE] for _ in range(11)]
+    pages += text + [text[0]]
+    pages += [rng.randbytes(PAGE) for _ in range(4)]
+    rng.shuffle(pages)
+    path.write_bytes(b"".join(pages))
+    return {"pages": len(pages), "zero": 8, "same": 4, "random": 4, "duplicates": 1}
+
+
+def test_corpus_report_is_consistent(tmp_path: Path) -> None:
+    corpus = tmp_path / "tiny.pages"
+    expected = tiny_corpus(corpus)
+    report = json.loads(run(str(BENCH / "corpus.py"), "report", str(corpus), "--json"))
+
+    assert report["pages"] == expected["pages"]
+    assert report["zero_pages"] == expected["zero"]
+    assert report["same_filled_pages"] == expected["same"]
+    assert report["zero_or_same_share"] == pytest.approx((expected["zero"] + expected["same"]) / expected["pages"])
+    assert report["duplicate_data_pages"] == expected["duplicates"]
+    # Random pages do not compress: the reference caps them at a page, nbdswap stores them raw.
+    assert report["raw_pages"] == expected["random"]
+    data_pages = expected["pages"] - expected["zero"] - expected["same"]
+    assert expected["random"] * PAGE < report["zram_bytes"] <= data_pages * PAGE
+    assert expected["random"] * PAGE < report["nbdswap_payload_bytes"] <= data_pages * PAGE
+    # Slab size-class rounding only adds bytes, never more than a page per page.
+    assert report["nbdswap_payload_bytes"] <= report["nbdswap_slot_bytes"] <= data_pages * PAGE
+    assert report["payload_vs_zram"] == pytest.approx(report["nbdswap_payload_bytes"] / report["zram_bytes"])
+    assert report["zram_bytes_per_page"] == pytest.approx(report["zram_bytes"] / expected["pages"])
+    assert report["zram_ratio"] == pytest.approx(expected["pages"] * PAGE / report["zram_bytes"])
+
+    store = report["store"]
+    assert store["map_blocks"] == expected["pages"]
+    assert store["ram_blocks"] + store["disk_blocks"] == data_pages
+    assert store["store_zero_blocks"] == expected["zero"]
+    assert store["store_same_filled_blocks"] == expected["same"]
+    assert store["map_bytes"] > 0
+    assert store["map_bytes_per_block"] == pytest.approx(store["map_bytes"] / store["map_blocks"])
+    if store["disk_blocks"] == 0:
+        # Everything in RAM: the tier stores exactly the codec's payloads.
+        assert store["ram_stored_bytes"] == report["nbdswap_payload_bytes"]
+        assert store["ram_used_bytes"] == report["nbdswap_slot_bytes"]
+    assert store["ram_stored_bytes"] <= store["ram_used_bytes"] <= store["ram_slab_bytes"]
+    assert store["ram_slab_over_stored"] == pytest.approx(store["ram_slab_bytes"] / store["ram_stored_bytes"])
+
+
+def test_corpus_report_table_and_capture(tmp_path: Path) -> None:
+    corpus = tmp_path / "tiny.pages"
+    tiny_corpus(corpus)
+    text = run(str(BENCH / "corpus.py"), "report", str(corpus))
+    assert "zram-like" in text and "per mapped block" in text
+
+    # Capturing this test's own process works when /proc/PID/mem is readable to us.
+    out = tmp_path / "self.pages"
+    result = subprocess.run([sys.executable, str(BENCH / "corpus.py"), "capture", str(os.getpid()),
+                             "--out", str(out), "--max-pages", "64"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    size = out.stat().st_size
+    assert size % PAGE == 0 and size <= 64 * PAGE
+
+
+def test_corpus_rejects_partial_pages(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pages"
+    bad.write_bytes(bytes(PAGE + 1))
+    result = subprocess.run([sys.executable, str(BENCH / "corpus.py"), "report", str(bad)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+
+
+def test_fio_compare_help() -> None:
+    text = run(str(BENCH / "fio_compare.py"), "--help", timeout=60)
+    for option in ("--runtime", "--quick", "--vm"):
+        assert option in text
