@@ -5,9 +5,9 @@ restarts, the kernel fails the swap I/O in flight and processes die.  This clien
 sets ``NBD_ATTR_DEAD_CONN_TIMEOUT``, so the kernel *waits* while the link is dead,
 stays resident, and on every LINK_DEAD notification dials the server again and hands
 the kernel the new socket with ``NBD_CMD_RECONFIGURE``.  Requests that were in flight
-are re-sent by the kernel at its next request-timeout check (30 s, or ``--timeout``).
-A ``--timeout`` other than 0 also makes the kernel drop a link whose server is merely
-slow, so the default is 0: a swap device should wait, not fail.
+are re-sent by the kernel when their timeout (``--timeout``, 30 s) expires.  That
+timeout is also what rescues a link whose end the guest never saw (its memory was
+too short to even receive the server's FIN): the kernel then declares it dead itself.
 
 It is itself on the swap path, so it locks its memory, marks itself an I/O flusher
 (the kernel then never makes it wait for memory reclaim that needs I/O), and asks the
@@ -34,6 +34,15 @@ log = logging.getLogger("nbdswap.attach")
 
 MCL_CURRENT, MCL_FUTURE = 1, 2
 PR_SET_IO_FLUSHER = 57
+#: Heap kept allocated, faulted in and locked for the allocations of a reconnection.
+HEAP_RESERVE = 4 << 20
+#: Objects come from glibc's heap (not pymalloc's mmap'd arenas), which grows in
+#: HEAP_RESERVE steps, never shrinks, and serves allocations below 32 MiB itself.
+ALLOCATOR_ENVIRONMENT = {
+    "PYTHONMALLOC": "malloc",
+    "GLIBC_TUNABLES": (f"glibc.malloc.top_pad={HEAP_RESERVE}:glibc.malloc.trim_threshold={1 << 40}"
+                       f":glibc.malloc.mmap_threshold={32 << 20}"),
+}
 RECONNECT_BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
 
@@ -44,7 +53,7 @@ class AttachOptions:
     export: str = "swap"
     block_size: int = 4096
     connections: int = 1
-    timeout: int = 0
+    timeout: int = 30
     dead_connection_timeout: int = 3600
     connect_timeout: float = 10.0
 
@@ -62,6 +71,16 @@ def device_index(device: str) -> int:
     return int(match.group(1))
 
 
+def use_reserved_heap() -> None:
+    """Re-execute with the allocator settings of ALLOCATOR_ENVIRONMENT (they only take
+    effect at interpreter start).  When a link dies the guest is typically out of
+    memory and its swap is the dead link: a reconnection that needs fresh pages
+    would wait for them forever."""
+    if all(os.environ.get(key) == value for key, value in ALLOCATOR_ENVIRONMENT.items()):
+        return
+    os.execve(sys.executable, sys.orig_argv, {**os.environ, **ALLOCATOR_ENVIRONMENT})
+
+
 def stay_resident() -> None:
     """Never be paged out, never wait on reclaim that needs our I/O, never be OOM-killed."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -70,6 +89,8 @@ def stay_resident() -> None:
     # memory that is waiting for this link to swap out).
     if libc.mlockall(MCL_CURRENT | MCL_FUTURE) != 0:
         log.warning("mlockall failed: %s", os.strerror(ctypes.get_errno()))
+    reserve = bytearray(HEAP_RESERVE)  # grows the locked heap; freed, it stays for reuse
+    del reserve
     if libc.prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0:
         log.warning("PR_SET_IO_FLUSHER failed: %s", os.strerror(ctypes.get_errno()))
     try:
@@ -176,6 +197,7 @@ def detach(index: int) -> None:
 
 def run_attach(options: AttachOptions) -> int:
     """Entry point of ``nbdswap attach``: exits 0 on SIGTERM/SIGINT."""
+    use_reserved_heap()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         attach(options)
