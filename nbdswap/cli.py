@@ -113,9 +113,9 @@ def _add_attach(subparsers) -> None:
     attach.add_argument("-N", "--name", default="swap", help="export name (default swap)")
     attach.add_argument("-b", "--block-size", type=int, default=4096, help="block size (default 4096)")
     attach.add_argument("-C", "--connections", type=int, default=1, help="sockets per device")
-    attach.add_argument("-t", "--timeout", type=int, default=0,
-                        help="seconds after which the kernel gives up on a slow connection and "
-                             "waits for a new one (default 0: never, requests just wait)")
+    attach.add_argument("-t", "--timeout", type=int, default=30,
+                        help="seconds after which the kernel declares an unanswering connection "
+                             "dead and re-sends its requests on a new one (default 30)")
     attach.add_argument("--dead-conn-timeout", type=int, default=3600,
                         help="seconds I/O waits for a reconnection before failing (default 3600)")
     attach.set_defaults(run=_cmd_attach)
@@ -230,7 +230,7 @@ async def _serve(config: ServeConfig) -> None:
         await admin_server.start()
         if config.metrics:
             from .metrics import MetricsEndpoint
-            metrics = MetricsEndpoint(config.metrics, device, store, server)
+            metrics = MetricsEndpoint(config.metrics, device, store, server, engine)
             print(f"nbdswap: metrics on http://{config.metrics}/metrics", flush=True)
         await stop.wait()
         log.info("shutting down: finishing in-flight requests")

@@ -1,4 +1,4 @@
-"""Prometheus metrics, read from the live device, store and server on each scrape.
+"""Prometheus metrics, read from the live device, store, server and policy engine on each scrape.
 
 ``--metrics HOST:PORT`` serves ``/metrics`` from a thread of its own.  Nothing is
 pushed into a metrics library on the request path except one latency observation
@@ -6,10 +6,13 @@ per request (:class:`LatencyHistogram`: a bisect and two integer additions); eve
 other value is read from the objects' own counters when Prometheus scrapes.  The
 scrape thread only copies plain dicts, lists and integers (each copy is atomic
 under the GIL) and calls :meth:`Store.stats`, which reads counters and LMDB's
-environment info (thread-safe in LMDB); ``stats()`` must stay that cheap.
+environment info (thread-safe in LMDB); ``stats()`` must stay that cheap.  The
+policy engine's state is not safe to walk from another thread, so the scrape asks
+the event loop for :meth:`Policy.stats` and waits up to :data:`POLICY_STATS_TIMEOUT`;
+a scrape the loop does not answer in time goes without the policy metrics.
 
 ``Store.stats()`` is exported generically, so a tier or field added there (the
-remote tier, its health, watermarks) appears without changes here:
+remote tier, its health) appears without changes here:
 
 * ``stats["tiers"][TIER][FIELD]`` → ``nbdswap_tier_FIELD{tier="TIER"}``
 * ``stats[SECTION][FIELD]`` (a dict of numbers, e.g. ``map``) → ``nbdswap_SECTION_FIELD``
@@ -19,16 +22,17 @@ Numbers and booleans (as 0/1) are exported; a field whose name ends in ``_total`
 a counter, every other one a gauge; strings and deeper nesting are not exported.
 Fields are named in base units (``_bytes``, ``_seconds``) and never per block.
 
-Not exported because nothing produces them yet; they come with the policy engine
-(issue 4): ``nbdswap_moves_total{from,to,reason}``, ``nbdswap_clean_copy_hits_total
-{tier}``, ``nbdswap_drains_in_progress{tier}`` and the policy state.  Per-tier
-values (watermarks, drain progress) belong in the tier's ``stats()`` dict; labelled
-counters such as moves get a family method of their own next to
-:meth:`NbdswapCollector._request_families`.
+The store's move counters (:data:`MOVE_STATS`) and the policy engine's state have
+families of their own (:func:`_move_families`, :func:`_policy_families`): moves by
+``from``, ``to`` and ``reason``, clean copies, watermarks and usage per tier, drains
+per tier (every tier, 0 when it is not draining), demotions stalled and promotions
+queued.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import sys
 from bisect import bisect_left
 from collections.abc import Iterator
@@ -49,8 +53,11 @@ from .config import parse_host_port
 
 if TYPE_CHECKING:
     from .device import BlockDevice
+    from .policy import Policy
     from .server import NBDServer
     from .store import Store
+
+log = logging.getLogger(__name__)
 
 #: Upper bounds of the request latency buckets: a zero or same-filled page is
 #: answered in microseconds, a compressed RAM page in tens of them, disk in
@@ -83,6 +90,11 @@ _STORE_HELP = {
     "same_filled_blocks": "Mapped blocks filled with one repeated word (no tier data)",
     "lost_blocks": "Blocks whose tier data was lost (e.g. RAM after a reboot); they read as EIO",
 }
+#: ``Store.stats()`` keys exported by :func:`_move_families` instead of generically.
+MOVE_STATS = frozenset({"moves", "move_races_lost", "clean_copy_hits", "clean_copies_dropped",
+                        "clean_copies"})
+#: Seconds a scrape waits for the event loop to read the policy engine's state.
+POLICY_STATS_TIMEOUT = 2.0
 
 
 class LatencyHistogram:
@@ -109,12 +121,19 @@ class LatencyHistogram:
 
 
 class NbdswapCollector:
-    """Builds every metric from the objects' own counters at scrape time."""
+    """Builds every metric from the objects' own counters at scrape time.
 
-    def __init__(self, device: BlockDevice, store: Store, server: NBDServer) -> None:
+    :meth:`collect` runs in the scrape thread, never in ``loop`` (the event loop that
+    runs ``policy``): it waits for the loop to read the policy engine's state.
+    """
+
+    def __init__(self, device: BlockDevice, store: Store, server: NBDServer, policy: Policy,
+                 loop: asyncio.AbstractEventLoop) -> None:
         self._device = device
         self._store = store
         self._server = server
+        self._policy = policy
+        self._loop = loop
 
     def collect(self) -> Iterator[Metric]:
         yield InfoMetricFamily("nbdswap_build", "nbdswap and Python versions",
@@ -126,7 +145,26 @@ class NbdswapCollector:
         yield GaugeMetricFamily("nbdswap_connections", "Open client connections",
                                 value=len(self._server.connections))
         yield from self._request_families()
-        yield from _store_families(self._store.stats())
+        stats = self._store.stats()
+        yield from _store_families(stats)
+        policy = self._policy_stats()
+        if policy is not None:
+            yield from _policy_families(policy, list(stats["tiers"]))
+
+    def _policy_stats(self) -> dict | None:
+        """:meth:`Policy.stats`, read by the event loop; None if it does not get to it
+        within :data:`POLICY_STATS_TIMEOUT` (the loop is blocked)."""
+        async def read() -> dict:
+            return self._policy.stats()
+
+        future = asyncio.run_coroutine_threadsafe(read(), self._loop)
+        try:
+            return future.result(POLICY_STATS_TIMEOUT)
+        except TimeoutError:
+            future.cancel()
+            log.warning("the event loop did not answer within %.0f s; this scrape has no policy metrics",
+                        POLICY_STATS_TIMEOUT)
+            return None
 
     def _request_families(self) -> Iterator[Metric]:
         device = self._device
@@ -161,9 +199,12 @@ class NbdswapCollector:
 
 def _store_families(stats: dict) -> Iterator[Metric]:
     """``Store.stats()`` as metric families (see the module docstring)."""
-    yield from _tier_families(stats.get("tiers", {}))
+    yield from _tier_families(stats["tiers"])
+    yield from _move_families(stats)
     for key, value in stats.items():
-        if isinstance(value, dict) and key != "tiers":
+        if key == "tiers" or key in MOVE_STATS:
+            continue
+        if isinstance(value, dict):
             for field, number in _numbers(value):
                 yield _family(f"nbdswap_{key}_{field}", _STORE_HELP.get(f"{key}_{field}"), number)
         elif _is_number(value):
@@ -181,6 +222,59 @@ def _tier_families(tiers: dict[str, dict]) -> Iterator[Metric]:
                 families[name] = _family(name, _TIER_HELP.get(field), labels=["tier"])
             families[name].add_metric([tier], number)
     return iter(families.values())
+
+
+def _move_families(stats: dict) -> Iterator[Metric]:
+    """The store's counters of moves and clean copies."""
+    moves = CounterMetricFamily("nbdswap_moves", "Blocks moved between tiers, by reason "
+                                "(demote, promote, drain, manual)", labels=["from", "to", "reason"])
+    for source, targets in stats["moves"].items():
+        for target, reasons in targets.items():
+            for reason, count in reasons.items():
+                moves.add_metric([source, target, reason], count)
+    yield moves
+    yield CounterMetricFamily("nbdswap_move_races_lost",
+                              "Moves given up because a write changed the block meanwhile",
+                              value=stats["move_races_lost"])
+    yield CounterMetricFamily("nbdswap_clean_copy_hits",
+                              "Moves that found the block's clean copy on the target tier and only "
+                              "changed the map (demotions saved)", value=stats["clean_copy_hits"])
+    yield CounterMetricFamily("nbdswap_clean_copies_dropped",
+                              "Clean copies freed to make room on their tier (no I/O)",
+                              value=stats["clean_copies_dropped"])
+    clean = GaugeMetricFamily("nbdswap_clean_copies", "Clean copies the tier holds of blocks promoted "
+                              "to a faster tier", labels=["tier"])
+    for tier, count in stats["clean_copies"].items():
+        clean.add_metric([tier], count)
+    yield clean
+
+
+def _policy_families(policy: dict, tiers: list[str]) -> Iterator[Metric]:
+    """``Policy.stats()`` as metric families; drains are exported for each of ``tiers``."""
+    watermarks = GaugeMetricFamily(
+        "nbdswap_tier_watermark_ratio", "Share of the tier's capacity above which (high) demotion "
+        "starts, and below which (low) it stops", labels=["tier", "level"])
+    usage = GaugeMetricFamily("nbdswap_tier_usage_ratio", "Share of the tier's capacity in use, "
+                              "as the policy engine compares it with the watermarks", labels=["tier"])
+    stalled = CounterMetricFamily("nbdswap_policy_demotions_stalled",
+                                  "Demotion passes that found no room on any tier below", labels=["tier"])
+    for tier, report in policy["watermarks"].items():
+        watermarks.add_metric([tier, "high"], report["high"])
+        watermarks.add_metric([tier, "low"], report["low"])
+        usage.add_metric([tier], report["usage"])
+        stalled.add_metric([tier], policy["demotions_stalled"].get(tier, 0))
+    in_progress = GaugeMetricFamily("nbdswap_drain_in_progress", "1 while the tier is being drained",
+                                    labels=["tier"])
+    remaining = GaugeMetricFamily("nbdswap_drain_remaining_blocks", "Blocks the drain in progress "
+                                  "still has to move off the tier (0 without one)", labels=["tier"])
+    for tier in tiers:
+        drain = policy["drains"].get(tier)
+        draining = drain is not None and drain["state"] == "draining"
+        in_progress.add_metric([tier], draining)
+        remaining.add_metric([tier], drain["remaining_blocks"] if draining else 0)
+    yield from (watermarks, usage, stalled, in_progress, remaining)
+    yield GaugeMetricFamily("nbdswap_policy_promotions_queued", "Blocks waiting to be promoted to RAM",
+                            value=policy["promotions_queued"])
 
 
 def _family(name: str, help_text: str | None, value: float | None = None,
@@ -203,12 +297,14 @@ def _is_number(value: object) -> bool:
 
 
 class MetricsEndpoint:
-    """The ``/metrics`` HTTP server thread; :meth:`close` stops it."""
+    """The ``/metrics`` HTTP server thread; :meth:`close` stops it.  Create it in the
+    event loop that runs ``policy``."""
 
-    def __init__(self, address: str, device: BlockDevice, store: Store, server: NBDServer) -> None:
+    def __init__(self, address: str, device: BlockDevice, store: Store, server: NBDServer,
+                 policy: Policy) -> None:
         host, port = parse_host_port(address)
         registry = CollectorRegistry()
-        registry.register(NbdswapCollector(device, store, server))
+        registry.register(NbdswapCollector(device, store, server, policy, asyncio.get_running_loop()))
         ProcessCollector(registry=registry)
         self._http, self._thread = start_http_server(port, addr=host, registry=registry)
 

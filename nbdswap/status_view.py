@@ -1,7 +1,8 @@
-"""Human-readable ``nbdswap status``: rich tables of tiers, block map and requests.
+"""Human-readable ``nbdswap status``: rich tables of tiers, block map, policy and requests.
 
-Recent rates come from two status samples taken ``interval`` seconds apart; the
-server's own uptime is the clock between them.
+Recent request rates come from two status samples taken ``interval`` seconds apart;
+the server's own uptime is the clock between them.  Recent move rates are the policy
+engine's own (over its last 10 s).
 """
 
 from __future__ import annotations
@@ -10,12 +11,15 @@ import time
 from collections.abc import Callable
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 #: The logical size of every block a tier holds.
 BLOCK_BYTES = 4096
 #: Tier fields that have a column of their own; any others go to "details".
 TIER_COLUMNS = ("blocks", "stored_bytes", "used_bytes", "capacity_bytes")
+#: Why blocks move, in the order of the policy table's columns.
+MOVE_REASONS = ("demote", "promote", "drain", "manual")
 
 
 def show_status(status: dict, fetch: Callable[[], dict], interval: float,
@@ -32,8 +36,13 @@ def show_status(status: dict, fetch: Callable[[], dict], interval: float,
 def render_status(status: dict, previous: dict | None = None, console: Console | None = None) -> None:
     console = console or Console()
     console.print(_header(status))
-    console.print(_tier_table(status.get("tiers", {})))
+    console.print(_tier_table(status))
     console.print(_map_line(status))
+    if "policy" in status:
+        console.print(_moves_table(status))
+        console.print(_policy_line(status))
+        for line in _drain_lines(status["policy"].get("drains", {})):
+            console.print(line)
     console.print(_request_table(status, _recent_rates(previous, status)))
     errors = _error_line(status.get("errors", {}), status.get("corrupt_block_errors", 0))
     if errors:
@@ -48,20 +57,46 @@ def _header(status: dict) -> str:
             f"up {status.get('uptime_seconds', 0):.0f} s")
 
 
-def _tier_table(tiers: dict[str, dict]) -> Table:
+def _tier_table(status: dict) -> Table:
+    policy = status.get("policy", {})
+    watermarks, drains = policy.get("watermarks", {}), policy.get("drains", {})
+    clean_copies = status.get("clean_copies", {})
     table = Table(title="tiers", title_justify="left")
     table.add_column("tier")
-    for column in ("blocks", "stored", "used", "capacity", "full", "compression"):
+    for column in ("blocks", "stored", "used", "capacity", "usage", "watermarks", "compression",
+                   "clean copies"):
         table.add_column(column, justify="right")
+    table.add_column("policy")
     table.add_column("details")
-    for name, tier in tiers.items():
+    for name, tier in status.get("tiers", {}).items():
         blocks, stored = tier.get("blocks", 0), tier.get("stored_bytes", 0)
         used, capacity = tier.get("used_bytes", stored), tier.get("capacity_bytes", 0)
         table.add_row(name, f"{blocks:,}", _size(stored), _size(used), _size(capacity),
                       f"{100 * used / capacity:.1f} %" if capacity else "-",
+                      _watermarks(watermarks.get(name)),
                       f"{blocks * BLOCK_BYTES / stored:.2f}x" if stored else "-",
+                      f"{clean_copies.get(name, 0):,}",
+                      _tier_policy_state(watermarks.get(name), drains.get(name)),
                       _details(tier))
     return table
+
+
+def _watermarks(report: dict | None) -> str:
+    """``low–high %`` of a tier that has watermarks."""
+    if report is None:
+        return "-"
+    return f"{100 * report['low']:g}–{100 * report['high']:g} %"
+
+
+def _tier_policy_state(watermarks: dict | None, drain: dict | None) -> str:
+    """What the policy engine is doing to the tier: demoting and/or its drain's state."""
+    states = []
+    if watermarks is not None and watermarks["demoting"]:
+        states.append("[yellow]demoting[/yellow]")
+    if drain is not None:
+        states.append({"draining": "[yellow]draining[/yellow]", "drained": "drained",
+                       "stopped": "[red]drain stopped[/red]"}[drain["state"]])
+    return ", ".join(states) or "-"
 
 
 def _details(tier: dict) -> str:
@@ -84,6 +119,47 @@ def _map_line(status: dict) -> str:
             f"({status.get('zero_blocks', 0):,} zero, "
             f"{status.get('same_filled_blocks', 0):,} same-filled, "
             f"{status.get('lost_blocks', 0):,} lost), {_size(block_map.get('bytes', 0))} on disk")
+
+
+def _moves_table(status: dict) -> Table:
+    """Moves so far by from → to and reason, and the policy engine's recent move rates."""
+    table = Table(title="policy: blocks moved (rates over the last 10 s)", title_justify="left")
+    table.add_column("from → to")
+    for reason in MOVE_REASONS:
+        table.add_column(reason, justify="right")
+    for source, targets in status.get("moves", {}).items():
+        for target, reasons in targets.items():
+            table.add_row(f"{source} → {target}",
+                          *(f"{reasons[reason]:,}" if reason in reasons else "-" for reason in MOVE_REASONS))
+    rates = status["policy"].get("move_rates", {})
+    table.add_row("moves/s", *(f"{rates[reason]:,.1f}" if reason in rates else "-" for reason in MOVE_REASONS),
+                  style="bold")
+    return table
+
+
+def _policy_line(status: dict) -> str:
+    policy = status["policy"]
+    parts = [f"clean-copy hits {status.get('clean_copy_hits', 0):,} (demotions saved)",
+             f"clean copies dropped {status.get('clean_copies_dropped', 0):,}",
+             f"move races lost {status.get('move_races_lost', 0):,}",
+             f"promotions queued {policy.get('promotions_queued', 0):,}"]
+    stalled = ", ".join(f"{tier} {count:,}" for tier, count in policy.get("demotions_stalled", {}).items())
+    if stalled:
+        parts.append(f"[yellow]demotions stalled (no room below): {stalled}[/yellow]")
+    return "policy: " + ", ".join(parts)
+
+
+def _drain_lines(drains: dict[str, dict]) -> list[str]:
+    lines = []
+    for tier, drain in drains.items():
+        line = (f"drain of {tier}: {drain['state']}, {drain['moved_blocks']:,} of {drain['total_blocks']:,} "
+                f"blocks moved, {drain['remaining_blocks']:,} left, {drain['blocks_per_second']:,.1f} blocks/s")
+        if drain["eta_seconds"] is not None:
+            line += f", about {drain['eta_seconds']:,.0f} s to go"
+        if drain["error"]:
+            line += f" [red]({escape(drain['error'])})[/red]"
+        lines.append(line)
+    return lines
 
 
 def _request_table(status: dict, recent: tuple[float, dict[str, list[str]]] | None) -> Table:

@@ -405,7 +405,7 @@ class Store:
             "clean_copy_hits": self._clean_copy_hits,
             "clean_copies_dropped": self._backings_dropped,
             "clean_copies": {TIER_NAMES[tier_id]: self._backings[tier_id] for tier_id in TIER_NAMES},
-            "draining": sorted(TIER_NAMES[tier_id] for tier_id in self.draining),
+            "draining": sorted(TIER_NAMES[tier_id] for tier_id in list(self.draining)),
         }
 
     def stats(self) -> dict:

@@ -3,6 +3,7 @@ nbdswap under load: every dashboard query must parse and return data."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -19,12 +20,16 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from nbdswap import metrics
 from nbdswap.device import BlockDevice
 from nbdswap.errors import CorruptBlockError
 from nbdswap.metrics import LATENCY_BUCKETS_SECONDS, LatencyHistogram, NbdswapCollector
+from nbdswap.policy import Policy, PolicySettings
 from nbdswap.protocol import Command, Request
 from nbdswap.status_view import render_status
-from nbdutil import SYSTEM_PATH, ServerProcess, nbdsh, nbdswap_command, run_client
+from nbdswap.store import BLOCK_SIZE, Store
+from nbdswap.tiers.slab import SLAB_SIZE
+from nbdutil import SYSTEM_PATH, ServerProcess, nbdsh, nbdswap_command, remove_ram_arena, run_client
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
@@ -33,8 +38,11 @@ PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 #: What Grafana puts in place of its built-in variables when the test runs a query.
 GRAFANA_BUILTINS = {"$__rate_interval": "30s", "$__range": "2m"}
 #: Label names the exporter may use; a block number must never become a label.
-ALLOWED_LABELS = {"op", "errno", "tier", "version", "python", "export", "le"}
+ALLOWED_LABELS = {"op", "errno", "tier", "version", "python", "export", "le", "from", "to", "reason", "level"}
 MiB = 1 << 20
+#: RAM watermarks of the live server: low enough that its 2 MiB RAM tier demotes under
+#: load; a short policy interval lets the CLOCK hand find cold blocks within seconds.
+LIVE_POLICY = ("ram_high=0.5", "ram_low=0.3", "interval=0.02")
 
 
 # --- a live server, a real Prometheus, load --------------------------------------
@@ -122,6 +130,13 @@ class Live:
     def metrics(self) -> str:
         return http_get(f"http://{self.target}/metrics").decode()
 
+    def status(self, interval: float) -> str:
+        """``nbdswap status`` as a 160-column terminal shows it."""
+        return subprocess.run(
+            nbdswap_command() + ["status", "--state-dir", str(self.server.state_dir), "--interval", str(interval)],
+            capture_output=True, check=True, timeout=30, env={**os.environ, "COLUMNS": "160"},
+        ).stdout.decode()
+
 
 FILL_SCRIPT = """
 import errno, random
@@ -163,10 +178,7 @@ def run_fio_while(live: Live) -> None:
     try:
         time.sleep(2)
         live.metrics_under_load = live.metrics()
-        live.status_under_load = subprocess.run(
-            nbdswap_command() + ["status", "--state-dir", str(live.server.state_dir), "--interval", "1"],
-            capture_output=True, check=True, timeout=30, env={**os.environ, "COLUMNS": "160"},
-        ).stdout.decode()
+        live.status_under_load = live.status(interval=1)
     finally:
         assert fio.wait(60) == 0, fio.stderr.read().decode()
 
@@ -180,6 +192,10 @@ def generate_load(live: Live) -> None:
     wait_until(lambda: scraped_value(live, 'nbdswap_request_errors_total{errno="ENOSPC", op="write"}') == 0,
                "a first scrape of the idle server")
     run_fio_while(live)
+    # Under uniform random load few blocks stay cold; once it ends, RAM (above its high
+    # watermark) demotes to the disk, which still has room.
+    wait_until(lambda: (scraped_value(live, 'max(count_over_time(nbdswap_moves_total{reason="demote"}[30s]))')
+                        or 0) >= 2, "Prometheus to scrape demotions twice")
     nbdsh(live.server.uri, OPERATIONS_SCRIPT)
     nbdsh(live.server.uri, FILL_SCRIPT)
     requests = float(re.search(r'^nbdswap_requests_total\{op="write"\} (\S+)$', live.metrics(), re.M)[1])
@@ -193,8 +209,9 @@ def live(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("metrics")
     state = Live()
     state.target = f"127.0.0.1:{free_port()}"
+    policy_flags = tuple(flag for setting in LIVE_POLICY for flag in ("--policy", setting))
     state.server = ServerProcess(workdir, size="512M", ram_max="2M", disk_max="64M",
-                                 extra=("--metrics", state.target))
+                                 extra=("--metrics", state.target, *policy_flags))
     try:
         state.server.start()
         state.prometheus = PrometheusProcess(workdir, state.target)
@@ -213,6 +230,16 @@ def live(tmp_path_factory):
 def promtool(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(["promtool", *args], input=stdin, capture_output=True, text=True, timeout=60,
                           cwd=PROMETHEUS_DIR, env={**os.environ, "PATH": SYSTEM_PATH})
+
+
+def samples(text: str) -> dict[tuple[str, frozenset], float]:
+    """``{(sample name, labels): value}`` of an exposition text."""
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def sample(values: dict, name: str, **labels) -> float:
+    return values[name, frozenset(labels.items())]
 
 
 def test_metrics_under_load_pass_promtool(live):
@@ -258,6 +285,26 @@ def test_errors_are_counted_by_operation_and_errno(live):
     assert re.search(r'^nbdswap_request_errors_total\{errno="EIO",op="read"\} 0\.0$', text, re.M)
 
 
+def test_policy_metrics_under_load(live):
+    during, after = samples(live.metrics_under_load), samples(live.metrics())
+    for values in (during, after):
+        assert sample(values, "nbdswap_tier_watermark_ratio", tier="ram", level="high") == 0.5
+        assert sample(values, "nbdswap_tier_watermark_ratio", tier="ram", level="low") == 0.3
+        assert sample(values, "nbdswap_tier_watermark_ratio", tier="disk", level="high") == 0.9
+        for tier in ("ram", "disk", "remote"):
+            assert sample(values, "nbdswap_drain_in_progress", tier=tier) == 0
+            assert sample(values, "nbdswap_drain_remaining_blocks", tier=tier) == 0
+            assert sample(values, "nbdswap_clean_copies", tier=tier) >= 0
+        assert sample(values, "nbdswap_policy_promotions_queued") >= 0
+    assert sample(during, "nbdswap_tier_usage_ratio", tier="ram") > 0.3
+    assert sample(after, "nbdswap_moves_total", **{"from": "ram", "to": "disk", "reason": "demote"}) > 0
+    assert sample(after, "nbdswap_tier_usage_ratio", tier="disk") > 0.9  # filled until ENOSPC
+
+    def stalled() -> float:  # the full disk has no tier below it
+        return sample(samples(live.metrics()), "nbdswap_policy_demotions_stalled_total", tier="disk")
+    wait_until(lambda: stalled() > 0, "the disk's demotions to stall", timeout=30)
+
+
 def test_latency_histogram_buckets_are_inclusive_upper_bounds():
     histogram = LatencyHistogram()
     for nanoseconds in (1, 5_000, 5_001, 10**12):
@@ -301,7 +348,24 @@ REMOTE_STATS = {
     },
     "map": {"blocks": 9, "bytes": 8192},
     "zero_blocks": 1, "same_filled_blocks": 1, "lost_blocks": 0,
+    "moves": {}, "move_races_lost": 0, "clean_copy_hits": 0, "clean_copies_dropped": 0,
+    "clean_copies": {"ram": 0, "remote": 0}, "draining": [],
 }
+
+
+class FakePolicy:
+    """A policy engine that is idle: no watermarks, drains or queued promotions."""
+
+    @staticmethod
+    def stats() -> dict:
+        return {"watermarks": {}, "drains": {}, "demotions_stalled": {}, "promotions_queued": 0}
+
+
+async def scrape(device: BlockDevice, policy) -> str:
+    """The exposition text, scraped from a thread as the metrics endpoint does."""
+    registry = CollectorRegistry()
+    registry.register(NbdswapCollector(device, device.store, FakeServer(), policy, asyncio.get_running_loop()))
+    return (await asyncio.to_thread(generate_latest, registry)).decode()
 
 
 async def test_a_new_tier_and_its_health_fields_are_exported_without_changes():
@@ -310,9 +374,7 @@ async def test_a_new_tier_and_its_health_fields_are_exported_without_changes():
     await device.execute(Request(cookie=1, command=Command.READ, flags=0, offset=12288, length=4096),
                          connection)
     assert connection.errors == ["EIO"] and device.corrupt_block_errors == 1
-    registry = CollectorRegistry()
-    registry.register(NbdswapCollector(device, device.store, FakeServer()))
-    text = generate_latest(registry).decode()
+    text = await scrape(device, FakePolicy())
     assert 'nbdswap_tier_up{tier="remote"} 1.0' in text
     assert "# TYPE nbdswap_tier_errors_total counter" in text
     assert 'nbdswap_tier_errors_total{tier="remote"} 3.0' in text
@@ -322,6 +384,58 @@ async def test_a_new_tier_and_its_health_fields_are_exported_without_changes():
     assert 'nbdswap_request_duration_seconds_count{op="read"} 1.0' in text
     result = promtool("check", "metrics", stdin=text)
     assert result.returncode == 0 and not result.stdout.strip(), result
+
+
+@pytest.fixture
+def state_dir(tmp_path):
+    path = tmp_path / "state"
+    yield path
+    remove_ram_arena(path)
+
+
+async def test_moves_clean_copies_watermarks_and_drains_are_exported(state_dir):
+    store = Store.open(state_dir, size=4 * MiB, ram_max=4 * SLAB_SIZE, disk_max=64 * SLAB_SIZE)
+    try:
+        policy = Policy(store, PolicySettings(ram_high=0.8, ram_low=0.6))
+        for block in range(10):
+            await store.write(block * BLOCK_SIZE, bytes([block + 1]) * 3072 + bytes(range(256)) * 4)
+        assert await store.move(0, "disk") and await store.move(0, "ram", keep_source=True)
+        policy.drain("ram")
+        text = await scrape(BlockDevice(store, "swap", 4 * MiB), policy)
+    finally:
+        await store.close()
+    result = promtool("check", "metrics", stdin=text)
+    assert result.returncode == 0 and not result.stdout.strip(), result
+    values = samples(text)
+    assert sample(values, "nbdswap_moves_total", **{"from": "ram", "to": "disk", "reason": "manual"}) == 1
+    assert sample(values, "nbdswap_moves_total", **{"from": "disk", "to": "ram", "reason": "manual"}) == 1
+    assert sample(values, "nbdswap_clean_copies", tier="disk") == 1
+    assert sample(values, "nbdswap_clean_copy_hits_total") == sample(values, "nbdswap_move_races_lost_total") == 0
+    assert sample(values, "nbdswap_tier_watermark_ratio", tier="ram", level="high") == 0.8
+    assert sample(values, "nbdswap_tier_watermark_ratio", tier="disk", level="low") == 0.8
+    assert 0 < sample(values, "nbdswap_tier_usage_ratio", tier="ram") < 0.8
+    assert sample(values, "nbdswap_policy_demotions_stalled_total", tier="ram") == 0
+    assert sample(values, "nbdswap_policy_promotions_queued") == 0
+    assert sample(values, "nbdswap_drain_in_progress", tier="ram") == 1
+    assert sample(values, "nbdswap_drain_remaining_blocks", tier="ram") == 10
+    for tier in ("disk", "remote"):
+        assert sample(values, "nbdswap_drain_in_progress", tier=tier) == 0
+        assert sample(values, "nbdswap_drain_remaining_blocks", tier=tier) == 0
+    names = {name for name, _ in values}
+    assert not names & {"nbdswap_move_races_lost", "nbdswap_clean_copy_hits", "nbdswap_clean_copies_ram"}
+
+
+async def test_a_scrape_the_blocked_event_loop_does_not_answer_goes_without_policy_metrics(monkeypatch):
+    monkeypatch.setattr(metrics, "POLICY_STATS_TIMEOUT", 0.05)
+    device = BlockDevice(FakeStore(REMOTE_STATS), "swap", 64 * MiB)
+    registry = CollectorRegistry()
+    registry.register(NbdswapCollector(device, device.store, FakeServer(), FakePolicy(), asyncio.get_running_loop()))
+    scraping = asyncio.get_running_loop().run_in_executor(None, generate_latest, registry)
+    time.sleep(0.5)  # the event loop is blocked
+    text = (await scraping).decode()
+    assert "nbdswap_requests_total" in text and "nbdswap_moves_total" in text
+    assert "nbdswap_policy_promotions_queued" not in text
+    assert "nbdswap_policy_promotions_queued 0.0" in await scrape(device, FakePolicy())
 
 
 # --- dashboards against the real Prometheus ----------------------------------------
@@ -372,7 +486,7 @@ def test_instance_variable_lists_the_server(live):
 def test_real_prometheus_loads_the_rules_and_fires_on_enospc(live):
     groups = live.prometheus.api("rules")["groups"]
     rules = [rule for group in groups for rule in group["rules"]]
-    assert len(rules) == 7 and all(rule["health"] == "ok" for rule in rules), rules
+    assert len(rules) == 9 and all(rule["health"] == "ok" for rule in rules), rules
 
     def enospc_firing() -> bool:
         alerts = live.prometheus.api("alerts")["alerts"]
@@ -499,9 +613,12 @@ def test_alert_rules_pass_their_unit_tests():
 
 def test_status_view_shows_tiers_map_and_recent_rates(live):
     out = live.status_under_load
-    for text in ("tiers", "ram", "disk", "block map", "requests (rates over the last", "req/s"):
+    for text in ("tiers", "ram", "disk", "block map", "requests (rates over the last", "req/s",
+                 "30–50 %", "80–90 %", "demoting", "moves/s", "clean-copy hits"):
         assert text in out, (text, out)
     assert re.search(r"│ read .* \d[\d.]* (µs|ms) │", out), out
+    after = live.status(interval=0)
+    assert re.search(r"│ ram → disk +│ +[1-9][\d,]* │", after), after
 
 
 def test_status_rates_come_from_the_servers_clock():
@@ -520,3 +637,45 @@ def test_status_rates_come_from_the_servers_clock():
     console = Console(record=True, width=160)
     render_status(before | {"uptime_seconds": 1.0}, after, console)  # the server restarted
     assert "req/s" not in console.export_text()
+
+
+POLICY_STATUS = {
+    "uptime_seconds": 30.0,
+    "tiers": {"ram": {"blocks": 100, "stored_bytes": 204800, "used_bytes": 245760, "capacity_bytes": 262144},
+              "disk": {"blocks": 900, "stored_bytes": 3686400, "used_bytes": 3686400, "capacity_bytes": 4194304},
+              "remote": {"blocks": 0, "stored_bytes": 0, "used_bytes": 0, "capacity_bytes": 0}},
+    "moves": {"disk": {"ram": {"promote": 40}}, "ram": {"disk": {"demote": 1234, "drain": 50}}},
+    "move_races_lost": 3, "clean_copy_hits": 17, "clean_copies_dropped": 5,
+    "clean_copies": {"ram": 0, "disk": 12, "remote": 0}, "draining": ["ram"],
+    "policy": {
+        "watermarks": {"ram": {"high": 0.9, "low": 0.75, "usage": 0.9375, "demoting": True},
+                       "disk": {"high": 0.85, "low": 0.8, "usage": 0.8789, "demoting": False}},
+        "drains": {"ram": {"state": "draining", "error": None, "total_blocks": 150, "remaining_blocks": 100,
+                           "moved_blocks": 50, "blocks_per_second": 25.0, "eta_seconds": 4.0},
+                   "disk": {"state": "stopped", "error": "no other tier has room for the blocks of disk",
+                            "total_blocks": 900, "remaining_blocks": 900, "moved_blocks": 0,
+                            "blocks_per_second": 0.0, "eta_seconds": None}},
+        "drains_in_progress": 1, "move_rates": {"demote": 12.5, "drain": 5.0}, "promotions_queued": 7,
+        "demotions_stalled": {"disk": 4}, "recency_bytes": 4096,
+    },
+}
+
+
+def test_status_view_shows_watermarks_clean_copies_moves_and_drains():
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    render_status(POLICY_STATUS, console=console)
+    out = console.export_text()
+    ram = next(line for line in out.splitlines() if line.startswith("│ ram "))
+    disk = next(line for line in out.splitlines() if line.startswith("│ disk "))
+    assert "93.8 %" in ram and "75–90 %" in ram and "demoting, draining" in ram
+    assert "80–85 %" in disk and " 12 " in disk and "drain stopped" in disk
+    assert re.search(r"│ ram → disk +│ +1,234 │ +- │ +50 │ +- │", out), out
+    assert re.search(r"│ disk → ram +│ +- │ +40 │ +- │ +- │", out), out
+    assert re.search(r"│ moves/s +│ +12\.5 │ +- │ +5\.0 │ +- │", out), out
+    for text in ("clean-copy hits 17", "clean copies dropped 5", "move races lost 3", "promotions queued 7",
+                 "demotions stalled (no room below): disk 4",
+                 "drain of ram: draining, 50 of 150 blocks moved, 100 left, 25.0 blocks/s, about 4 s to go",
+                 "drain of disk: stopped, 0 of 900 blocks moved, 900 left, 0.0 blocks/s (no other tier has room"):
+        assert text in out, (text, out)
