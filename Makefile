@@ -11,10 +11,13 @@ DISK_MAX ?= 8G
 VM_DIR := build/vm
 
 # Debian packages: real NBD clients and servers for the tests, QEMU and a
-# busybox for the VM end-to-end test, a C toolchain for its static memory hog.
+# busybox for the VM end-to-end tests, a C toolchain for their static memory hog,
+# Redis for the remote tier, Prometheus (promtool) for the metrics, openssl for
+# TLS certificates, systemd for systemd-analyze.
 APT_PACKAGES := python3-venv libnbd-bin python3-libnbd qemu-utils nbdkit nbd-client fio \
 	qemu-system-x86 busybox-static cpio kmod iproute2 gcc libc6-dev \
-	redis-server redis-tools prometheus python3-yaml ca-certificates procps
+	redis-server redis-tools prometheus python3-yaml openssl systemd \
+	ca-certificates procps
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
