@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from nbdutil import remove_ram_arena
+
 try:
     import vmutil
 except ImportError:  # tests/ became a package
@@ -45,10 +47,11 @@ def netns() -> Iterator[vmutil.NetNS]:
 
 
 @pytest.fixture
-def state_dir(tmp_path: Path) -> Path:
+def state_dir(tmp_path: Path) -> Iterator[Path]:
     path = tmp_path / "state"
     path.mkdir()
-    return path
+    yield path
+    remove_ram_arena(path)
 
 
 @pytest.fixture
