@@ -16,7 +16,6 @@ OOM killer to spare it.  Standard library only.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import os
@@ -28,12 +27,11 @@ import time
 from dataclasses import dataclass
 
 from .netlink import DeviceSettings, NbdNetlink
+from .resident import lock_memory, mark_io_flusher, protect_from_oom
 from .nbdclient import HandshakeError, NegotiatedExport, negotiate, open_connection
 
 log = logging.getLogger("nbdswap.attach")
 
-MCL_CURRENT, MCL_FUTURE = 1, 2
-PR_SET_IO_FLUSHER = 57
 #: Heap kept allocated, faulted in and locked for the allocations of a reconnection.
 HEAP_RESERVE = 4 << 20
 #: Objects come from glibc's heap (not pymalloc's mmap'd arenas), which grows in
@@ -82,22 +80,17 @@ def use_reserved_heap() -> None:
 
 
 def stay_resident() -> None:
-    """Never be paged out, never wait on reclaim that needs our I/O, never be OOM-killed."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    # Not MCL_ONFAULT: every page is faulted in and locked now, so that repairing a
-    # dead link later needs as little new memory as possible (it may be the very
-    # memory that is waiting for this link to swap out).
-    if libc.mlockall(MCL_CURRENT | MCL_FUTURE) != 0:
-        log.warning("mlockall failed: %s", os.strerror(ctypes.get_errno()))
+    """Never be paged out, never wait on reclaim that needs our I/O, never be OOM-killed.
+
+    Not MCL_ONFAULT: every page is faulted in and locked now, so that repairing a
+    dead link later needs as little new memory as possible (it may be the very
+    memory that is waiting for this link to swap out).
+    """
+    lock_memory(on_fault=False)
     reserve = bytearray(HEAP_RESERVE)  # grows the locked heap; freed, it stays for reuse
     del reserve
-    if libc.prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0:
-        log.warning("PR_SET_IO_FLUSHER failed: %s", os.strerror(ctypes.get_errno()))
-    try:
-        with open("/proc/self/oom_score_adj", "w") as handle:
-            handle.write("-1000")
-    except OSError as error:
-        log.warning("cannot set oom_score_adj: %s", error)
+    mark_io_flusher()
+    protect_from_oom()
 
 
 def dial(options: AttachOptions) -> tuple[socket.socket, NegotiatedExport]:

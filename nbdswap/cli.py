@@ -157,6 +157,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     config.state_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock_state_dir(config.state_dir)
     try:
+        _stay_resident()
         _install_uvloop()
         asyncio.run(_serve(config))
     finally:
@@ -179,6 +180,24 @@ def _lock_state_dir(state_dir: Path):
     return handle
 
 
+def _stay_resident() -> None:
+    """The server may back swap on its own host: it must not deadlock under memory
+    pressure (see nbdswap.resident); its executor threads are I/O flushers too."""
+    from .resident import lock_memory, mark_io_flusher, protect_from_oom
+
+    lock_memory(on_fault=True)
+    mark_io_flusher()
+    protect_from_oom()
+
+
+def _io_executor():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .resident import mark_io_flusher
+
+    return ThreadPoolExecutor(thread_name_prefix="nbdswap-io", initializer=mark_io_flusher)
+
+
 def _install_uvloop() -> None:
     try:
         import uvloop
@@ -194,6 +213,8 @@ async def _serve(config: ServeConfig) -> None:
     from .policy import Policy
     from .server import NBDServer
     from .store import Store
+
+    asyncio.get_running_loop().set_default_executor(_io_executor())
 
     policy = config.server_policy()
     try:
