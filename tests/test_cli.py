@@ -1,15 +1,13 @@
 """The command line: listening addresses, config file, clear start-up errors, SIGTERM."""
 
-import json
 import signal
 import socket
 import subprocess
-import time
 
 import pytest
 
 from nbdswap.config import ConfigError, ServeConfig, parse_size
-from nbdutil import nbdsh, nbdswap_command, remove_ram_arena, run_client
+from nbdutil import nbdsh, nbdswap_command, remove_ram_arena
 
 
 def free_port() -> int:
