@@ -89,11 +89,6 @@ _COMMAND_FLAGS = {
 #: Options a server that requires TLS answers before TLS is active.
 _BEFORE_TLS = frozenset({Option.STARTTLS, Option.ABORT})
 
-#: Commands that address a range of the export.
-_RANGE_COMMANDS = frozenset(
-    {Command.READ, Command.WRITE, Command.TRIM, Command.CACHE,
-     Command.WRITE_ZEROES, Command.BLOCK_STATUS}
-)
 #: Commands whose out-of-range error is ENOSPC rather than EINVAL.
 _WRITING_COMMANDS = frozenset({Command.WRITE, Command.WRITE_ZEROES})
 
@@ -365,21 +360,24 @@ class ServerConnection:
             callback()
         return data[taken:]
 
-    def _discard_then(self, length: int, callback: Callable[[], None]) -> None:
+    def _discard_then(self, length: int, callback: Callable[[], None] | None = None) -> None:
         """Skip ``length`` payload bytes (buffered ones first), then run ``callback``."""
         buffered = min(length, len(self._in) - self._pos)
         self._pos += buffered
         self._discard = length - buffered
-        if self._discard == 0:
-            callback()
-        else:
+        if self._discard:
             self._after_discard = callback
+        elif callback is not None:
+            callback()
 
     def _available(self) -> int:
         return len(self._in) - self._pos
 
     def _take(self, n: int) -> bytes:
-        data = bytes(self._in[self._pos:self._pos + n])
+        """The next ``n`` buffered bytes, copied once (slicing the bytearray first
+        would copy them twice)."""
+        with memoryview(self._in) as view:
+            data = bytes(view[self._pos:self._pos + n])
         self._pos += n
         return data
 
@@ -605,14 +603,11 @@ class ServerConnection:
         if magic != REQUEST_MAGIC:
             self._close(f"bad request magic {magic:#x}")
             return False
-        if command == Command.WRITE and length <= self.export.maximum_payload:
-            if self._available() < _REQUEST_HEADER.size + length:
-                return False
-            self._pos += _REQUEST_HEADER.size
-            data = self._take(length)
-        else:
-            self._pos += _REQUEST_HEADER.size
-            data = None
+        carries_payload = command == Command.WRITE and length <= self.export.maximum_payload
+        if carries_payload and self._available() < _REQUEST_HEADER.size + length:
+            return False
+        self._pos += _REQUEST_HEADER.size
+        data = self._take(length) if carries_payload else None
         if command == Command.DISC:
             self._close()
             return False
@@ -620,7 +615,7 @@ class ServerConnection:
         if error is not None:
             self._reject(cookie, command, *error)
             if command == Command.WRITE and data is None:
-                self._discard_then(length, lambda: None)
+                self._discard_then(length)
             return True
         self._events.append(Request(cookie, Command(command), flags, offset, length, data))
         return True
