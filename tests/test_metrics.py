@@ -294,8 +294,8 @@ def test_policy_metrics_under_load(live):
         for tier in ("ram", "disk", "remote"):
             assert sample(values, "nbdswap_drain_in_progress", tier=tier) == 0
             assert sample(values, "nbdswap_drain_remaining_blocks", tier=tier) == 0
-            assert sample(values, "nbdswap_clean_copies", tier=tier) >= 0
-        assert sample(values, "nbdswap_policy_promotions_queued") >= 0
+            assert ("nbdswap_clean_copies", frozenset({"tier": tier}.items())) in values
+        assert ("nbdswap_policy_promotions_queued", frozenset()) in values
     assert sample(during, "nbdswap_tier_usage_ratio", tier="ram") > 0.3
     assert sample(after, "nbdswap_moves_total", **{"from": "ram", "to": "disk", "reason": "demote"}) > 0
     assert sample(after, "nbdswap_tier_usage_ratio", tier="disk") > 0.9  # filled until ENOSPC
