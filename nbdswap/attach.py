@@ -27,8 +27,8 @@ import time
 from dataclasses import dataclass
 
 from .netlink import DeviceSettings, NbdNetlink
-from .resident import lock_memory, mark_io_flusher, protect_from_oom
 from .nbdclient import HandshakeError, NegotiatedExport, negotiate, open_connection
+from .resident import stay_resident
 
 log = logging.getLogger("nbdswap.attach")
 
@@ -41,6 +41,8 @@ ALLOCATOR_ENVIRONMENT = {
     "GLIBC_TUNABLES": (f"glibc.malloc.top_pad={HEAP_RESERVE}:glibc.malloc.trim_threshold={1 << 40}"
                        f":glibc.malloc.mmap_threshold={32 << 20}"),
 }
+#: Seconds a dial (connect and handshake) may take before it is retried.
+CONNECT_TIMEOUT = 10.0
 RECONNECT_BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
 
@@ -53,7 +55,6 @@ class AttachOptions:
     connections: int = 1
     timeout: int = 30
     dead_connection_timeout: int = 3600
-    connect_timeout: float = 10.0
 
     @property
     def backend(self) -> str:
@@ -79,23 +80,9 @@ def use_reserved_heap() -> None:
     os.execve(sys.executable, sys.orig_argv, {**os.environ, **ALLOCATOR_ENVIRONMENT})
 
 
-def stay_resident() -> None:
-    """Never be paged out, never wait on reclaim that needs our I/O, never be OOM-killed.
-
-    Not MCL_ONFAULT: every page is faulted in and locked now, so that repairing a
-    dead link later needs as little new memory as possible (it may be the very
-    memory that is waiting for this link to swap out).
-    """
-    lock_memory(on_fault=False)
-    reserve = bytearray(HEAP_RESERVE)  # grows the locked heap; freed, it stays for reuse
-    del reserve
-    mark_io_flusher()
-    protect_from_oom()
-
-
 def dial(options: AttachOptions) -> tuple[socket.socket, NegotiatedExport]:
     """A socket negotiated into the transmission phase of the export."""
-    sock = open_connection(options.server, options.connect_timeout)
+    sock = open_connection(options.server, CONNECT_TIMEOUT)
     try:
         export = negotiate(sock, options.export)
         if options.block_size % max(export.minimum_block_size, 1) or \
@@ -128,7 +115,10 @@ def attach(options: AttachOptions) -> None:
 
     SIGTERM leaves the device connected: a restarted attach re-adopts it.
     """
-    stay_resident()
+    # Not on fault: every page is faulted in and locked now, so that repairing a
+    # dead link later needs as little new memory as possible (it may be the very
+    # memory that is waiting for this link to swap out).
+    stay_resident(on_fault=False, heap_reserve=HEAP_RESERVE)
     netlink = NbdNetlink()
     netlink.listen()
     if netlink.is_connected(options.index):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import __version__, admin
 from .config import ConfigError, ServeConfig
+from .resident import stay_resident
 
 log = logging.getLogger("nbdswap")
 
@@ -157,7 +158,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     config.state_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock_state_dir(config.state_dir)
     try:
-        _stay_resident()
+        # The server may back swap on its own host: it must not deadlock under memory
+        # pressure. On fault: its LMDB map and RAM arena are large sparse mappings.
+        stay_resident(on_fault=True)
         _install_uvloop()
         asyncio.run(_serve(config))
     finally:
@@ -178,16 +181,6 @@ def _lock_state_dir(state_dir: Path):
     handle.write(f"{os.getpid()}\n")
     handle.flush()
     return handle
-
-
-def _stay_resident() -> None:
-    """The server may back swap on its own host: it must not deadlock under memory
-    pressure (see nbdswap.resident); its executor threads are I/O flushers too."""
-    from .resident import lock_memory, mark_io_flusher, protect_from_oom
-
-    lock_memory(on_fault=True)
-    mark_io_flusher()
-    protect_from_oom()
 
 
 def _io_executor():

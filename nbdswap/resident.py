@@ -57,3 +57,15 @@ def protect_from_oom() -> bool:
         log.warning("cannot set oom_score_adj: %s", error)
         return False
     return True
+
+
+def stay_resident(on_fault: bool, heap_reserve: int = 0) -> None:
+    """All of the above for the calling process and thread.  ``heap_reserve`` bytes
+    are allocated and freed once more after locking, so that the (locked) heap keeps
+    that much room for later allocations."""
+    lock_memory(on_fault)
+    if heap_reserve:
+        reserve = bytearray(heap_reserve)
+        del reserve
+    mark_io_flusher()
+    protect_from_oom()
