@@ -260,13 +260,14 @@ class Store:
         """Store ``data`` at ``offset``; returns once the new entries are committed.
 
         A mutable buffer is copied first: the write may await between its blocks.
+        Slicing bytes copies each block once; a one-block write is not copied at all.
         """
-        view = memoryview(data if isinstance(data, bytes) else bytes(data))
+        data = data if isinstance(data, bytes) else bytes(data)
         whole, partial = [], []
         position = 0
-        for block, start, end in _split(offset, len(view)):
+        for block, start, end in _split(offset, len(data)):
             self.heat[block] = HOT
-            chunk = bytes(view[position : position + end - start])
+            chunk = data[position : position + end - start]
             position += end - start
             (whole if len(chunk) == BLOCK_SIZE else partial).append((block, start, chunk))
         entries = await self._store_pages([chunk for _, _, chunk in whole])
