@@ -80,6 +80,13 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def wait_for_unix_socket(path: Path, process: subprocess.Popen, log_path: Path, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -1,19 +1,12 @@
 """The command line: listening addresses, config file, clear start-up errors, SIGTERM."""
 
 import signal
-import socket
 import subprocess
 
 import pytest
 
 from nbdswap.config import ConfigError, ServeConfig, parse_size
-from nbdutil import nbdsh, nbdswap_command, remove_ram_arena
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from nbdutil import free_port, nbdsh, nbdswap_command, remove_ram_arena
 
 
 def serve(tmp_path, *args, wait_for: str | None = "serving"):

@@ -21,18 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from nbdutil import SYSTEM_PATH, ServerProcess, nbdsh, nbdswap_command, remove_ram_arena
+from nbdutil import SYSTEM_PATH, free_port, nbdsh, nbdswap_command, remove_ram_arena, ServerProcess
 
 IHAVEOPT = 0x49484156454F5054
 REQUEST_MAGIC = 0x25609513
 MiB = 1 << 20
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "systemd"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def option(code: int, data: bytes = b"", length: int | None = None) -> bytes:

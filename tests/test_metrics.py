@@ -9,7 +9,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -29,7 +28,7 @@ from nbdswap.protocol import Command, Request
 from nbdswap.status_view import render_status
 from nbdswap.store import BLOCK_SIZE, Store
 from nbdswap.tiers.slab import SLAB_SIZE
-from nbdutil import SYSTEM_PATH, ServerProcess, nbdsh, nbdswap_command, remove_ram_arena, run_client
+from nbdutil import SYSTEM_PATH, free_port, nbdsh, nbdswap_command, remove_ram_arena, run_client, ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
@@ -46,12 +45,6 @@ LIVE_POLICY = ("ram_high=0.5", "ram_low=0.3", "interval=0.02")
 
 
 # --- a live server, a real Prometheus, load --------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def http_get(url: str, params: dict | None = None) -> bytes:
