@@ -3,16 +3,24 @@
 It is the single source of truth of the store: every tier allocator and every counter
 is rebuilt from it at start-up.
 
-Keys are block numbers as 8-byte big-endian integers, so LMDB's default byte order is
-block order (measured as fast as ``integerkey``, and portable).  Values are 16-byte
-:class:`Entry` records.  A second database, ``meta``, holds the format version, the
-instance id, the export size, the id of each tier's arena file, the remote tier's key
-prefix and epoch, and which tiers are being drained.
+Entries are stored in *groups* of :data:`GROUP_SIZE` consecutive blocks: one LMDB record
+per group, keyed by the group number as an 8-byte big-endian integer (so LMDB's default
+byte order is block order, and portable).  A group's value is a 16-bit bitmap of the
+blocks that have an entry followed by their 14-byte :class:`Entry` records in block
+order.  One record per block cost 34 bytes of key, node header and value per block
+(35.5 B measured on a full map); a group spreads the key and node header over up to 16
+blocks and packs an entry in 14 bytes, about 15.3 B per block when LMDB's pages are
+full.  A group is rewritten whole when any of its blocks changes: at most 226 bytes.
 
-A third database, ``backing``, holds *clean copies*: block → an entry in a slower tier
-whose payload equals the block's current data (kept when a read promoted the block into
-RAM).  The store changes a block's entry and its backing in the same transaction, and
-any write or trim of the block deletes the backing, so a backing is never stale.
+A second database, ``meta``, holds the format version, the instance id, the export
+size, the id of each tier's arena file, the remote tier's key prefix and epoch, and
+which tiers are being drained.
+
+A third database holds *clean copies* in the same grouped form: block → an entry in a
+slower tier whose payload equals the block's current data (kept when a read promoted
+the block into RAM).  The store changes a block's entry and its backing in the same
+transaction, and any write or trim of the block deletes the backing, so a backing is
+never stale.
 
 Commits use ``sync=False``/``metasync=False``: a committed transaction is in the page
 cache, which survives a killed process; :meth:`BlockMap.sync` makes it survive a host
@@ -31,12 +39,18 @@ import lmdb
 
 from .errors import StateDirError
 
-#: Format 2 added the ``backing`` database; format 1 maps are upgraded when opened.
-FORMAT_VERSION = 2
-_READABLE_FORMATS = (b"1", b"2")
+#: Format 2 added the ``backing`` database, format 3 grouped the entries; maps of
+#: formats 1 and 2 (one record per block) are converted when opened.
+FORMAT_VERSION = 3
+_UPGRADABLE_FORMATS = (b"1", b"2")
 MAP_FILE = "map.lmdb"
-#: Virtual size of the map; the file is sparse and grows with use (~60 B per entry).
+#: Virtual size of the map; the file is sparse and grows with use (15–22 B per block).
 MAP_SIZE = 64 << 30
+
+GROUP_BITS = 4
+#: Blocks per LMDB record (the bitmap of a group is 16 bits wide).
+GROUP_SIZE = 1 << GROUP_BITS
+_SLOT_MASK = GROUP_SIZE - 1
 
 TIER_NONE = 0
 TIER_RAM = 1
@@ -50,8 +64,23 @@ SAME_FILLED = 0x02
 #: The tier lost the data (e.g. the RAM arena vanished in a reboot): reads fail.
 LOST = 0x04
 
-_ENTRY = struct.Struct("<BBHIQ")
+#: An entry as a 14-byte record: ``addr << 8 | flags << 2 | tier``, length, checksum.
+#: A same-filled entry has no length or checksum: its 64-bit word is spread over the
+#: address, length and checksum fields (see :meth:`Entry.pack`).
+_RECORD = struct.Struct("<QHI")
+#: Tier slot addresses fit in 56 bits (remote key ids: a 16-bit epoch, 40-bit sequence).
+ADDR_LIMIT = 1 << 56
+_TIER_MASK = 0x03
+_FLAGS_MASK = 0x3F
+#: Formats 1 and 2 stored one 16-byte entry per block: tier, flags, length, checksum, addr.
+_OLD_ENTRY = struct.Struct("<BBHIQ")
+_BITMAP = struct.Struct("<H")
 _KEY_BYTES = 8
+#: Database names: grouped entries and clean copies (format 3), per-block ones (1, 2).
+_GROUPS = b"groups"
+_BACKING_GROUPS = b"backing-groups"
+_OLD_BLOCKS = b"blocks"
+_OLD_BACKING = b"backing"
 _META_FORMAT = b"format"
 _META_INSTANCE = b"instance"
 _META_SIZE = b"size"
@@ -76,11 +105,22 @@ class Entry(NamedTuple):
     addr: int
 
     def pack(self) -> bytes:
-        return _ENTRY.pack(self.tier, self.flags, self.length, self.checksum, self.addr)
+        """The 14-byte record of this entry (ValueError for an address beyond 56 bits)."""
+        head = self.flags << 2 | self.tier
+        if self.flags & SAME_FILLED:
+            word = self.addr
+            return _RECORD.pack(word >> 48 << 8 | head, word & 0xFFFF, word >> 16 & 0xFFFF_FFFF)
+        if not 0 <= self.addr < ADDR_LIMIT:
+            raise ValueError(f"slot address {self.addr:#x} does not fit the map's 56 bits")
+        return _RECORD.pack(self.addr << 8 | head, self.length, self.checksum)
 
     @classmethod
-    def unpack(cls, value: bytes) -> Entry:
-        return cls._make(_ENTRY.unpack(value))
+    def unpack(cls, value: bytes, offset: int = 0) -> Entry:
+        head, length, checksum = _RECORD.unpack_from(value, offset)
+        tier, flags, high = head & _TIER_MASK, head >> 2 & _FLAGS_MASK, head >> 8
+        if flags & SAME_FILLED:
+            return cls(tier, flags, 0, 0, high << 48 | checksum << 16 | length)
+        return cls(tier, flags, length, checksum, high)
 
     @property
     def is_stored(self) -> bool:
@@ -95,52 +135,59 @@ class Entry(NamedTuple):
 ZERO_ENTRY = Entry(TIER_NONE, 0, 0, 0, 0)
 
 
-def key(block: int) -> bytes:
-    return block.to_bytes(_KEY_BYTES, "big")
+def key(number: int) -> bytes:
+    """The LMDB key of a group number (or, in formats 1 and 2, of a block number)."""
+    return number.to_bytes(_KEY_BYTES, "big")
 
 
 class BlockMap:
-    """The LMDB environment with the ``blocks``, ``backing`` and ``meta`` databases."""
+    """The LMDB environment with the grouped entries, clean copies and ``meta``."""
 
-    def __init__(self, env: lmdb.Environment, blocks, meta) -> None:
+    def __init__(self, env: lmdb.Environment, meta) -> None:
         self._env = env
-        self._blocks = blocks
         self._meta = meta
-        self._backing = env.open_db(b"backing", create=True)
+        self._blocks = env.open_db(_GROUPS, create=True)
+        self._backing = env.open_db(_BACKING_GROUPS, create=True)
 
     @classmethod
     def create(cls, path: Path, size: int) -> BlockMap:
         """Create a new map file at ``path`` for an export of ``size`` bytes."""
         env = _open_env(path)
-        blocks, meta = _open_dbs(env, create=True)
+        meta = env.open_db(b"meta", create=True)
         with env.begin(write=True, db=meta) as txn:
             txn.put(_META_FORMAT, str(FORMAT_VERSION).encode())
             txn.put(_META_INSTANCE, str(uuid.uuid4()).encode())
             txn.put(_META_SIZE, str(size).encode())
         env.sync(True)
-        return cls(env, blocks, meta)
+        return cls(env, meta)
 
     @classmethod
     def open(cls, path: Path) -> BlockMap:
-        """Open an existing map; :class:`StateDirError` if it is not one of ours."""
+        """Open an existing map; :class:`StateDirError` if it is not one of ours.
+
+        A map of an older format is converted in one transaction, so a crash during the
+        conversion leaves the old map as it was.
+        """
         try:
             env = _open_env(path)
         except lmdb.Error as error:
             raise StateDirError(f"{path} is not a usable block map: {error}") from None
         try:
-            blocks, meta = _open_dbs(env, create=False)
+            meta = env.open_db(b"meta", create=False)
             with env.begin(db=meta) as txn:
                 version = txn.get(_META_FORMAT)
+            if version in _UPGRADABLE_FORMATS:
+                _convert_to_groups(env, meta)
+            elif version == str(FORMAT_VERSION).encode():
+                env.open_db(_GROUPS, create=False)
         except lmdb.Error as error:
             env.close()
             raise StateDirError(f"{path} is not a usable block map: {error}") from None
-        if version not in _READABLE_FORMATS:
+        if version not in (*_UPGRADABLE_FORMATS, str(FORMAT_VERSION).encode()):
             env.close()
             found = "no format version" if version is None else f"format {version.decode(errors='replace')}"
             raise StateDirError(f"{path} has {found}; this nbdswap reads format {FORMAT_VERSION}")
-        blockmap = cls(env, blocks, meta)
-        blockmap._set_meta(_META_FORMAT, str(FORMAT_VERSION).encode())  # older servers must not open it
-        return blockmap
+        return cls(env, meta)
 
     # --- metadata ---------------------------------------------------------------
 
@@ -214,14 +261,12 @@ class BlockMap:
 
     def get(self, block: int) -> Entry | None:
         with self._env.begin(db=self._blocks) as txn:
-            value = txn.get(key(block))
-        return None if value is None else Entry.unpack(value)
+            return _entry_in(txn.get(key(block >> GROUP_BITS)), block & _SLOT_MASK)
 
     def get_backing(self, block: int) -> Entry | None:
         """The block's clean copy in a slower tier, if it has one."""
         with self._env.begin(db=self._backing) as txn:
-            value = txn.get(key(block))
-        return None if value is None else Entry.unpack(value)
+            return _entry_in(txn.get(key(block >> GROUP_BITS)), block & _SLOT_MASK)
 
     def commit(self, changes: Mapping[int, Entry | None],
                backing: Mapping[int, Entry | None] | None = None) -> None:
@@ -237,34 +282,39 @@ class BlockMap:
         The read transaction stays open until the iterator is exhausted or closed, so
         do not hold it across awaits.
         """
-        with self._env.begin(db=self._blocks) as txn:
-            cursor = txn.cursor()
-            if not cursor.set_range(key(first)):
+        for block, entry in self._iterate(self._blocks, first):
+            if last is not None and block > last:
                 return
-            for raw_key, value in cursor:
-                block = int.from_bytes(raw_key, "big")
-                if last is not None and block > last:
-                    return
-                yield block, Entry.unpack(value)
+            yield block, entry
 
     def backing_items(self, first: int = 0) -> Iterator[tuple[int, Entry]]:
         """Clean copies of blocks ``first..`` in block order (same rules as :meth:`items`)."""
-        with self._env.begin(db=self._backing) as txn:
+        return self._iterate(self._backing, first)
+
+    def _iterate(self, db, first: int) -> Iterator[tuple[int, Entry]]:
+        with self._env.begin(db=db) as txn:
             cursor = txn.cursor()
-            if not cursor.set_range(key(first)):
+            if not cursor.set_range(key(first >> GROUP_BITS)):
                 return
             for raw_key, value in cursor:
-                yield int.from_bytes(raw_key, "big"), Entry.unpack(value)
+                base = int.from_bytes(raw_key, "big") << GROUP_BITS
+                for slot, entry in _group_entries(value):
+                    if base + slot >= first:
+                        yield base + slot, entry
 
     def last_block(self) -> int | None:
         """The highest mapped block number, or ``None`` for an empty map."""
         with self._env.begin(db=self._blocks) as txn:
             cursor = txn.cursor()
-            return int.from_bytes(cursor.key(), "big") if cursor.last() else None
+            if not cursor.last():
+                return None
+            bitmap = _BITMAP.unpack_from(cursor.value())[0]
+            return int.from_bytes(cursor.key(), "big") << GROUP_BITS | bitmap.bit_length() - 1
 
     def __len__(self) -> int:
+        """Mapped blocks (a scan of all groups: for tests and tools, not the I/O path)."""
         with self._env.begin(db=self._blocks) as txn:
-            return txn.stat(self._blocks)["entries"]
+            return sum(_BITMAP.unpack_from(value)[0].bit_count() for value in txn.cursor().iternext(keys=False))
 
     @property
     def bytes(self) -> int:
@@ -285,7 +335,7 @@ def _open_env(path: Path) -> lmdb.Environment:
         str(path),
         subdir=False,
         map_size=MAP_SIZE,
-        max_dbs=3,
+        max_dbs=5,
         sync=False,
         metasync=False,
         readahead=False,
@@ -293,13 +343,84 @@ def _open_env(path: Path) -> lmdb.Environment:
     )
 
 
+def _entry_in(group: bytes | None, slot: int) -> Entry | None:
+    """The entry of ``slot`` in a packed group value, if it has one."""
+    if group is None:
+        return None
+    bitmap = _BITMAP.unpack_from(group)[0]
+    if not bitmap >> slot & 1:
+        return None
+    index = (bitmap & ((1 << slot) - 1)).bit_count()
+    return Entry.unpack(group, _BITMAP.size + index * _RECORD.size)
+
+
+def _group_entries(group: bytes) -> Iterator[tuple[int, Entry]]:
+    """(slot, entry) of a packed group value, in slot order."""
+    for slot, offset in _slot_offsets(group):
+        yield slot, Entry.unpack(group, offset)
+
+
+def _slot_offsets(group: bytes) -> Iterator[tuple[int, int]]:
+    """(slot, offset of its record) of a packed group value, in slot order."""
+    bitmap = _BITMAP.unpack_from(group)[0]
+    offset = _BITMAP.size
+    while bitmap:
+        lowest = bitmap & -bitmap
+        yield lowest.bit_length() - 1, offset
+        offset += _RECORD.size
+        bitmap ^= lowest
+
+
+def _pack_group(records: Mapping[int, bytes]) -> bytes:
+    """A group value from packed entries by slot."""
+    bitmap = 0
+    for slot in records:
+        bitmap |= 1 << slot
+    return _BITMAP.pack(bitmap) + b"".join(records[slot] for slot in sorted(records))
+
+
 def _apply(txn: lmdb.Transaction, db, changes: Mapping[int, Entry | None]) -> None:
+    """Apply block changes to the groups they fall in, one read and one write per group."""
+    by_group: dict[int, dict[int, Entry | None]] = {}
     for block, entry in changes.items():
-        if entry is None:
-            txn.delete(key(block), db=db)
-        else:
-            txn.put(key(block), entry.pack(), db=db)
+        by_group.setdefault(block >> GROUP_BITS, {})[block & _SLOT_MASK] = entry
+    for group in sorted(by_group):
+        group_key = key(group)
+        value = txn.get(group_key, db=db)
+        records = {} if value is None else {slot: value[offset:offset + _RECORD.size]
+                                            for slot, offset in _slot_offsets(value)}
+        for slot, entry in by_group[group].items():
+            if entry is None:
+                records.pop(slot, None)
+            else:
+                records[slot] = entry.pack()
+        if records:
+            txn.put(group_key, _pack_group(records), db=db)
+        elif value is not None:
+            txn.delete(group_key, db=db)
 
 
-def _open_dbs(env: lmdb.Environment, *, create: bool):
-    return env.open_db(b"blocks", create=create), env.open_db(b"meta", create=create)
+def _convert_to_groups(env: lmdb.Environment, meta) -> None:
+    """Rewrite a format 1 or 2 map (one record per block) in the grouped format 3."""
+    with env.begin(write=True) as txn:
+        for old_name, new_name in ((_OLD_BLOCKS, _GROUPS), (_OLD_BACKING, _BACKING_GROUPS)):
+            old = env.open_db(old_name, txn=txn, create=True)
+            new = env.open_db(new_name, txn=txn, create=True)
+            _copy_grouped(txn, old, new)
+            txn.drop(old, delete=True)
+        txn.put(_META_FORMAT, str(FORMAT_VERSION).encode(), db=meta)
+    env.sync(True)
+
+
+def _copy_grouped(txn: lmdb.Transaction, old, new) -> None:
+    """Copy per-block records of ``old`` (in block order) into groups of ``new``."""
+    group, records = None, {}
+    for raw_key, value in txn.cursor(db=old):
+        block = int.from_bytes(raw_key, "big")
+        if block >> GROUP_BITS != group:
+            if records:
+                txn.put(key(group), _pack_group(records), db=new)
+            group, records = block >> GROUP_BITS, {}
+        records[block & _SLOT_MASK] = Entry._make(_OLD_ENTRY.unpack(value)).pack()
+    if records:
+        txn.put(key(group), _pack_group(records), db=new)

@@ -1,5 +1,7 @@
 """The LMDB block map: entries, metadata and persistence."""
 
+import struct
+
 import lmdb
 import pytest
 from hypothesis import given
@@ -7,6 +9,7 @@ from hypothesis import strategies as st
 
 from nbdswap.blockmap import (
     COMPRESSED,
+    GROUP_SIZE,
     LOST,
     SAME_FILLED,
     TIER_DISK,
@@ -15,24 +18,33 @@ from nbdswap.blockmap import (
     ZERO_ENTRY,
     BlockMap,
     Entry,
+    key,
 )
 from nbdswap.errors import StateDirError
 
-entries = st.builds(
+stored_entries = st.builds(
     Entry,
-    tier=st.integers(0, 3),
-    flags=st.integers(0, 7),
-    length=st.integers(0, 4096),
+    tier=st.integers(1, 3),
+    flags=st.sampled_from([0, COMPRESSED, LOST, COMPRESSED | LOST]),
+    length=st.integers(1, 4096),
     checksum=st.integers(0, 2**32 - 1),
-    addr=st.integers(0, 2**64 - 1),
+    addr=st.integers(0, 2**56 - 1),
 )
+same_filled_entries = st.builds(Entry, tier=st.just(TIER_NONE), flags=st.just(SAME_FILLED),
+                                length=st.just(0), checksum=st.just(0), addr=st.integers(0, 2**64 - 1))
+entries = stored_entries | same_filled_entries | st.just(ZERO_ENTRY)
 
 
 @given(entries)
 def test_entry_pack_round_trip(entry):
     packed = entry.pack()
-    assert len(packed) == 16
+    assert len(packed) == 14
     assert Entry.unpack(packed) == entry
+
+
+def test_an_address_beyond_56_bits_is_refused():
+    with pytest.raises(ValueError, match="56 bits"):
+        Entry(TIER_RAM, 0, 64, 0, 2**56).pack()
 
 
 def test_entry_kinds():
@@ -141,3 +153,79 @@ def test_open_rejects_another_format_version(map_path):
     env.close()
     with pytest.raises(StateDirError, match="format 99"):
         BlockMap.open(map_path)
+
+
+changes = st.dictionaries(st.integers(0, 3 * GROUP_SIZE + 2), st.none() | entries, max_size=20)
+
+
+@given(st.lists(st.tuples(changes, changes), max_size=8))
+def test_grouped_entries_behave_like_a_dict_per_block(tmp_path_factory, commits):
+    """Commits that touch blocks inside, across and at the edges of groups read back
+    exactly as a plain dict of blocks would, through every accessor."""
+    blockmap = BlockMap.create(tmp_path_factory.mktemp("map") / "map.lmdb", 1 << 30)
+    model, backing_model = {}, {}
+    for block_changes, backing_changes in commits:
+        blockmap.commit(block_changes, backing_changes)
+        for target, applied in ((model, block_changes), (backing_model, backing_changes)):
+            for block, entry in applied.items():
+                if entry is None:
+                    target.pop(block, None)
+                else:
+                    target[block] = entry
+    for block in range(3 * GROUP_SIZE + 3):
+        assert blockmap.get(block) == model.get(block)
+        assert blockmap.get_backing(block) == backing_model.get(block)
+    assert list(blockmap.items()) == sorted(model.items())
+    assert list(blockmap.items(5, 2 * GROUP_SIZE)) == sorted(
+        (block, entry) for block, entry in model.items() if 5 <= block <= 2 * GROUP_SIZE)
+    assert list(blockmap.backing_items(GROUP_SIZE + 1)) == sorted(
+        (block, entry) for block, entry in backing_model.items() if block >= GROUP_SIZE + 1)
+    assert blockmap.last_block() == max(model, default=None)
+    assert len(blockmap) == len(model)
+    blockmap.close()
+
+
+def test_a_full_map_costs_under_24_bytes_per_block(map_path):
+    blockmap = BlockMap.create(map_path, 1 << 40)
+    empty = blockmap.bytes
+    blocks = 100_000
+    for first in range(0, blocks, 1000):
+        blockmap.commit({block: Entry(TIER_RAM, COMPRESSED, 1000, block, block * 1024)
+                         for block in range(first, first + 1000)})
+    assert (blockmap.bytes - empty) / blocks <= 24
+    blockmap.close()
+
+
+def _write_format_2_map(path, blocks, backing):
+    """A map as format 2 servers wrote it: one 8-byte key and 16-byte entry per block."""
+    env = lmdb.open(str(path), subdir=False, max_dbs=3)
+    with env.begin(write=True) as txn:
+        meta = env.open_db(b"meta", txn=txn)
+        txn.put(b"format", b"2", db=meta)
+        txn.put(b"instance", b"0" * 36, db=meta)
+        txn.put(b"size", str(1 << 30).encode(), db=meta)
+        for name, entries_by_block in ((b"blocks", blocks), (b"backing", backing)):
+            db = env.open_db(name, txn=txn)
+            for block, entry in entries_by_block.items():
+                txn.put(key(block), struct.pack("<BBHIQ", *entry), db=db)
+    env.close()
+
+
+def test_a_format_2_map_is_converted_when_opened(map_path):
+    blocks = {block: Entry(TIER_RAM, COMPRESSED, 100 + block % 1000, block & 0xFFFF, block * 64)
+              for block in [0, 1, 15, 16, 17, 1000, 2**33]}
+    backing = {17: Entry(TIER_DISK, COMPRESSED, 117, 17, 4096)}
+    _write_format_2_map(map_path, blocks, backing)
+    blockmap = BlockMap.open(map_path)
+    assert list(blockmap.items()) == sorted(blocks.items())
+    assert list(blockmap.backing_items()) == list(backing.items())
+    assert blockmap.instance_id == "0" * 36
+    blockmap.close()
+    env = lmdb.open(str(map_path), subdir=False, max_dbs=5)
+    with env.begin() as txn:
+        assert txn.get(b"blocks") is None and txn.get(b"backing") is None
+        assert txn.get(b"format", db=env.open_db(b"meta", txn=txn)) == b"3"
+    env.close()
+    blockmap = BlockMap.open(map_path)
+    assert blockmap.get(2**33) == blocks[2**33]
+    blockmap.close()

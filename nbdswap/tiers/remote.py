@@ -1,6 +1,6 @@
 """The remote tier: payloads as values in Redis or Valkey (standalone, Sentinel or Cluster).
 
-Addresses.  A payload's address is a 64-bit key id ``epoch << 40 | sequence``.  The store
+Addresses.  A payload's address is a 56-bit key id ``epoch << 40 | sequence``.  The store
 gives each start of a state directory a new epoch (a counter in the block map's
 metadata), so ids are never reused: a key this process did not write in its own epoch
 was written by an earlier run.
@@ -56,7 +56,8 @@ from . import Tier
 log = logging.getLogger(__name__)
 
 SEQUENCE_BITS = 40
-EPOCH_LIMIT = 1 << (64 - SEQUENCE_BITS)
+#: Key ids must fit the block map's 56-bit addresses: 65,535 starts of one state dir.
+EPOCH_LIMIT = 1 << (56 - SEQUENCE_BITS)
 SEGMENT_BITS = 10
 #: Keys per MSET / MGET / DEL command.
 MAX_BATCH = 256
