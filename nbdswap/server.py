@@ -2,7 +2,8 @@
 
 An ``asyncio.Protocol`` per connection (about half the CPU per request of a
 StreamReader loop): every complete request in a ``data_received`` chunk is parsed at
-once and run concurrently; replies are gathered and written once per loop turn;
+once and run concurrently (RAM reads and whole-block writes without a task, see
+:meth:`BlockDevice.submit`); replies are gathered and written once per loop turn;
 reading pauses while too many bytes are in flight or the socket is not draining.
 
 Hostile peers are bounded by :class:`ServerPolicy`: a TCP allowlist, connection
@@ -103,9 +104,12 @@ class NBDConnection(asyncio.Protocol):
         self._protocol = ServerConnection(server.catalog, tls=policy.tls,
                                           max_option_length=policy.max_option_length)
         self._transport: asyncio.Transport | None = None
-        self._tasks: set[asyncio.Task] = set()
+        self._loop = asyncio.get_running_loop()  # cached: each lookup costs a getpid()
+        self._tasks: dict[asyncio.Task, Request] = {}
+        self._pending = 0  # requests started and not yet answered (tasks included)
         self._deferred: deque[Request] = deque()
         self._in_flight_bytes = 0
+        self._answered_bytes = 0  # in flight until their replies are flushed
         self._max_in_flight = policy.max_in_flight
         self._budget_logged = False
         self._flush_scheduled = False
@@ -134,7 +138,7 @@ class NBDConnection(asyncio.Protocol):
             transport.abort()
             return
         timeout = self._server.policy.handshake_timeout
-        self._handshake_timer = asyncio.get_running_loop().call_later(timeout, self._handshake_expired)
+        self._handshake_timer = self._loop.call_later(timeout, self._handshake_expired)
         self._flush()
         if self._server.shutting_down:
             self.close()
@@ -216,12 +220,14 @@ class NBDConnection(asyncio.Protocol):
             self._launch(self._deferred.popleft())
 
     def _launch(self, request: Request) -> None:
-        size = request.length if request.command in (Command.READ, Command.WRITE) else 0
-        self._in_flight_bytes += size
+        self._in_flight_bytes += _payload_size(request)
+        self._pending += 1
         self.idle.clear()
-        task = asyncio.get_running_loop().create_task(self._device.execute(request, self._protocol))
-        self._tasks.add(task)
-        task.add_done_callback(lambda t: self._finished(t, size))
+        coroutine = self._device.submit(request, self._protocol, self._finished)
+        if coroutine is not None:
+            task = self._loop.create_task(coroutine)
+            self._tasks[task] = request
+            task.add_done_callback(self._task_done)
         self._update_reading()
 
     # --- handshake: deadline and TLS ------------------------------------------------
@@ -237,7 +243,7 @@ class NBDConnection(asyncio.Protocol):
         """The ACK goes out in plain text, then nothing more is read unencrypted."""
         self._flush()
         self._transport.pause_reading()
-        self._tls_task = asyncio.get_running_loop().create_task(self._upgrade(self._transport))
+        self._tls_task = self._loop.create_task(self._upgrade(self._transport))
 
     async def _upgrade(self, transport: asyncio.Transport) -> None:
         loop = asyncio.get_running_loop()
@@ -256,15 +262,18 @@ class NBDConnection(asyncio.Protocol):
         self._protocol.tls_established()
         self._process()
 
-    def _finished(self, task: asyncio.Task, size: int) -> None:
-        self._tasks.discard(task)
-        self._in_flight_bytes -= size
-        if self._deferred:
-            self._start_deferred()
-        if not self._tasks:
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._finished(self._tasks.pop(task))
+
+    def _finished(self, request: Request) -> None:
+        """A request's reply is queued.  Its bytes stay counted in flight until
+        :meth:`_flush` hands the reply to the transport (whose own limit takes over
+        then): reads answered at once would otherwise escape the budget."""
+        self._pending -= 1
+        self._answered_bytes += _payload_size(request)
+        if not self._pending:
             self.idle.set()
         self._schedule_flush()
-        self._update_reading()
         if self._closing:
             self._close_when_idle()
 
@@ -273,13 +282,19 @@ class NBDConnection(asyncio.Protocol):
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
         data = self._protocol.data_to_send()
         if data and self._transport is not None and not self._transport.is_closing():
             self._transport.writelines(data)
+        if self._answered_bytes:
+            self._in_flight_bytes -= self._answered_bytes
+            self._answered_bytes = 0
+            if self._deferred:
+                self._start_deferred()
+            self._update_reading()
 
     def _update_reading(self) -> None:
         if self._transport is None or self._transport.is_closing():
@@ -304,7 +319,7 @@ class NBDConnection(asyncio.Protocol):
     def _close_when_idle(self) -> None:
         """Finish in-flight requests and send their replies, then close."""
         self._update_reading()
-        if self._tasks or self._transport is None:
+        if self._pending or self._transport is None:
             return
         self._flush()
         if not self._transport.is_closing():
@@ -396,6 +411,14 @@ class NBDServer:
             await server.wait_closed()
         for path in self._unix_paths:
             path.unlink(missing_ok=True)
+
+
+_DATA_COMMANDS = frozenset({Command.READ, Command.WRITE})
+
+
+def _payload_size(request: Request) -> int:
+    """Bytes a request holds while in flight: its write data or the data it reads."""
+    return request.length if request.command in _DATA_COMMANDS else 0
 
 
 def _unix_peer(sock) -> str:

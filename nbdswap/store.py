@@ -11,6 +11,9 @@ in-memory batch; the first change schedules a commit callback on the event loop,
 writes the whole batch in one LMDB transaction, then frees the tier slots the batch
 replaced, then wakes the writers.  A slot is therefore never reused while a committed
 entry can still point at it.  Reads consult the staged batch before LMDB.
+:meth:`Store.read_now` and :meth:`Store.write_now` do the same without awaiting when no
+tier needs it (the NBD fast path); such a write is acknowledged from its batch's commit
+through :meth:`Store.when_committed`.
 
 Staging is compare-and-swap where it matters: a partial-block write (read-modify-write)
 and a move stage only if the block still has the entry they started from; a
@@ -70,7 +73,16 @@ from .blockmap import (
     BlockMap,
     Entry,
 )
-from .codec import PAGE_SIZE, ZERO_PAGE, DecodeError, PageKind, decode_payload, encode, same_filled_page
+from .codec import (
+    PAGE_SIZE,
+    ZERO_PAGE,
+    DecodeError,
+    Encoded,
+    PageKind,
+    decode_payload,
+    encode,
+    same_filled_page,
+)
 from .errors import CorruptBlockError, NoSpaceError, StateDirError, StoreError, TierUnavailableError
 from .tiers import Tier
 from .tiers.disk import DISK_FILE, DiskTier
@@ -103,7 +115,8 @@ SlowReadObserver = Callable[[int, int], None]
 class _Batch:
     """Map changes staged since the last commit, and who waits for them."""
 
-    __slots__ = ("changes", "base", "backing", "backing_base", "replaced", "waiters", "done", "error")
+    __slots__ = ("changes", "base", "backing", "backing_base", "replaced", "waiters", "callbacks",
+                 "done", "error")
 
     def __init__(self) -> None:
         self.changes: dict[int, Entry | None] = {}
@@ -112,6 +125,7 @@ class _Batch:
         self.backing_base: dict[int, Entry | None] = {}
         self.replaced: list[tuple[int, Entry]] = []  # stored entries to free after the commit
         self.waiters: list[asyncio.Future] = []
+        self.callbacks: list[Callable[[str | None], None]] = []  # see Store.when_committed
         self.done = False
         self.error: str | None = None
 
@@ -123,6 +137,8 @@ class _Batch:
                     waiter.set_result(None)
                 else:
                     waiter.set_exception(StoreError(error))
+        for callback in self.callbacks:
+            callback(error)
 
 
 class Store:
@@ -275,6 +291,64 @@ class Store:
         for block, start, chunk in partial:
             batches.append(await self._write_partial(block, start, chunk))
         await self._settle(batches, fua)
+
+    def read_now(self, offset: int, length: int) -> bytes | None:
+        """:meth:`read` without awaiting: the bytes, or ``None`` when a block's tier
+        would have to be awaited (then call :meth:`read`).  The NBD fast path: a
+        RAM-tier read needs no task, future or coroutine."""
+        if length == BLOCK_SIZE and not offset % BLOCK_SIZE:  # a swapped page: spare _split
+            pieces: Iterable[tuple[int, int, int]] = ((offset // BLOCK_SIZE, 0, BLOCK_SIZE),)
+        else:
+            pieces = _split(offset, length)
+        pages, slow = [], []
+        for block, start, end in pieces:
+            self.heat[block] = HOT
+            entry = self._current(block)
+            page = self._page_now(block, entry)
+            if page is None:
+                return None
+            if entry is not None and entry.tier > TIER_RAM:
+                slow.append((block, entry.tier))
+            pages.append(page if end - start == BLOCK_SIZE else page[start:end])
+        if self.on_slow_read is not None:
+            for block, tier in slow:
+                self.on_slow_read(block, tier)
+        return pages[0] if len(pages) == 1 else b"".join(pages)
+
+    def write_now(self, offset: int, data: bytes) -> _Batch | None:
+        """Stage a write of whole blocks without awaiting; returns the batch whose commit
+        acknowledges it (see :meth:`when_committed`), or ``None`` when the write needs
+        :meth:`write` (partial blocks, or a remote tier that must be awaited)."""
+        if self._remote is not None or offset % BLOCK_SIZE or len(data) % BLOCK_SIZE:
+            return None
+        data = data if isinstance(data, bytes) else bytes(data)
+        first = offset // BLOCK_SIZE
+        if len(data) == BLOCK_SIZE:
+            pages = [data]
+        else:
+            pages = [data[i : i + BLOCK_SIZE] for i in range(0, len(data), BLOCK_SIZE)]
+        entries = []
+        try:
+            for page in pages:
+                entries.append(self._store_page_now(page))
+        except BaseException:
+            for entry in entries:
+                self._discard(entry)
+            raise
+        batch = None
+        for block, entry in enumerate(entries, first):
+            self.heat[block] = HOT
+            batch = self._stage(block, entry)
+        return batch
+
+    @staticmethod
+    def when_committed(batch: _Batch, callback: Callable[[str | None], None]) -> None:
+        """Call ``callback(error)`` once ``batch`` is committed (``error`` is ``None``) or
+        failed; at once if that already happened."""
+        if batch.done:
+            callback(batch.error)
+        else:
+            batch.callbacks.append(callback)
 
     async def write_zeroes(
         self, offset: int, length: int, *, may_trim: bool = True, fua: bool = False
@@ -481,20 +555,31 @@ class Store:
                     raise
 
     async def _load(self, block: int, entry: Entry | None) -> bytes:
-        if entry is None or entry.is_zero:
-            return ZERO_PAGE
-        if entry.flags & SAME_FILLED:
-            return same_filled_page(entry.addr)
-        if entry.flags & LOST:
-            raise CorruptBlockError(f"block {block} was lost with its tier's data (e.g. RAM after a reboot)")
+        if entry is None or not entry.is_stored:
+            return _unstored_page(block, entry)
+        tier = self._stored_tier(block, entry)
+        return _decode(block, tier, entry, await tier.get(entry.addr, entry.length))
+
+    def _page_now(self, block: int, entry: Entry | None) -> bytes | None:
+        """:meth:`_load` without awaiting, or ``None`` if the tier must be awaited.
+        A corrupt block is counted here: nothing can replace its entry meanwhile."""
+        if entry is None or not entry.is_stored:
+            return _unstored_page(block, entry)
+        tier = self._stored_tier(block, entry)
+        payload = tier.get_now(entry.addr, entry.length)
+        if payload is None:
+            return None
+        try:
+            return _decode(block, tier, entry, payload)
+        except CorruptBlockError:
+            self._corrupt_reads[entry.tier] += 1
+            raise
+
+    def _stored_tier(self, block: int, entry: Entry) -> Tier:
         tier = self._tiers.get(entry.tier)
         if tier is None:
             raise TierUnavailableError(f"block {block} is on tier {entry.tier}, which is not configured")
-        payload = await tier.get(entry.addr, entry.length)
-        try:
-            return decode_payload(payload, bool(entry.flags & COMPRESSED), entry.checksum)
-        except DecodeError as error:
-            raise CorruptBlockError(f"block {block} on the {tier.name} tier: {error}") from None
+        return tier
 
     def _entries_in(self, first: int, last: int) -> Iterator[tuple[int, Entry]]:
         """Current entries of blocks ``first..last`` in block order (staged ones win)."""
@@ -510,10 +595,8 @@ class Store:
     async def _store_page(self, page: bytes) -> Entry:
         """Encode a page and put its payload into a tier; the entry describing it."""
         encoded = encode(page)
-        if encoded.kind == PageKind.ZERO:
-            return ZERO_ENTRY
-        if encoded.kind == PageKind.SAME_FILLED:
-            return Entry(TIER_NONE, SAME_FILLED, 0, 0, encoded.word)
+        if encoded.kind <= PageKind.SAME_FILLED:  # or ZERO: no tier data
+            return _unstored_entry(encoded)
         payload = encoded.payload
         for tier in self._placement_for(len(payload)):
             if tier.has_room(len(payload)):
@@ -521,8 +604,22 @@ class Store:
                     addr = await tier.put(payload)
                 except (NoSpaceError, TierUnavailableError):
                     continue
-                flags = COMPRESSED if encoded.kind == PageKind.COMPRESSED else 0
-                return Entry(tier.tier_id, flags, len(payload), encoded.checksum, addr)
+                return _stored_entry(tier, encoded, addr)
+        raise NoSpaceError("every reachable tier is full")
+
+    def _store_page_now(self, page: bytes) -> Entry:
+        """:meth:`_store_page` for local tiers only, whose puts need no awaiting."""
+        encoded = encode(page)
+        if encoded.kind <= PageKind.SAME_FILLED:  # or ZERO: no tier data
+            return _unstored_entry(encoded)
+        payload = encoded.payload
+        for tier in self._placement_for(len(payload)):
+            if tier.has_room(len(payload)):
+                try:
+                    addr = tier.put_now(payload)
+                except NoSpaceError:
+                    continue
+                return _stored_entry(tier, encoded, addr)
         raise NoSpaceError("every reachable tier is full")
 
     def _placement_for(self, length: int) -> list[Tier]:
@@ -764,6 +861,34 @@ def _slot(entry: Entry) -> tuple[int, int]:
 def _same_data(entry: Entry, copy: Entry) -> bool:
     """Whether ``copy`` holds the payload ``entry`` describes (in another tier)."""
     return (entry.flags, entry.length, entry.checksum) == (copy.flags, copy.length, copy.checksum)
+
+
+def _unstored_page(block: int, entry: Entry | None) -> bytes:
+    """The page of an entry without tier data (none, zero, same-filled or lost)."""
+    if entry is None or entry.is_zero:
+        return ZERO_PAGE
+    if entry.flags & SAME_FILLED:
+        return same_filled_page(entry.addr)
+    raise CorruptBlockError(f"block {block} was lost with its tier's data (e.g. RAM after a reboot)")
+
+
+def _decode(block: int, tier: Tier, entry: Entry, payload: bytes) -> bytes:
+    try:
+        return decode_payload(payload, bool(entry.flags & COMPRESSED), entry.checksum)
+    except DecodeError as error:
+        raise CorruptBlockError(f"block {block} on the {tier.name} tier: {error}") from None
+
+
+def _unstored_entry(encoded: Encoded) -> Entry:
+    """The entry of a zero or same-filled page (no tier data)."""
+    if encoded.kind == PageKind.ZERO:
+        return ZERO_ENTRY
+    return Entry(TIER_NONE, SAME_FILLED, 0, 0, encoded.word)
+
+
+def _stored_entry(tier: Tier, encoded: Encoded, addr: int) -> Entry:
+    flags = COMPRESSED if encoded.kind == PageKind.COMPRESSED else 0
+    return Entry(tier.tier_id, flags, len(encoded.payload), encoded.checksum, addr)
 
 
 def _split(offset: int, length: int) -> Iterator[tuple[int, int, int]]:

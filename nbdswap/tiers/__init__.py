@@ -59,6 +59,10 @@ class Tier(abc.ABC):
     async def get(self, addr: int, length: int) -> bytes:
         """The ``length`` bytes stored at ``addr``."""
 
+    def get_now(self, addr: int, length: int) -> bytes | None:
+        """The payload if it can be had without waiting, else ``None`` (use :meth:`get`)."""
+        return None
+
     @abc.abstractmethod
     def free(self, addr: int, length: int) -> None:
         """Release the slot of a payload of ``length`` bytes at ``addr``."""

@@ -45,26 +45,30 @@ class DiskTier(SlabTier):
 
     async def get(self, addr: int, length: int) -> bytes:
         offset = HEADER_SIZE + addr
-        data = self._read_cached(offset, length)
-        if data is None:
-            try:
-                data = await asyncio.get_running_loop().run_in_executor(
-                    None, os.pread, self.arena.fd, length, offset
-                )
-            except OSError as error:
-                raise_for_os_error(error, "disk tier read")
+        cached = self._read_cached(offset, length)
+        if cached is not None:
+            return bytes(cached)  # callers may hand it on to the remote tier, which wants bytes
+        try:
+            data = await asyncio.get_running_loop().run_in_executor(None, os.pread, self.arena.fd, length, offset)
+        except OSError as error:
+            raise_for_os_error(error, "disk tier read")
         if len(data) != length:
             raise StoreError(f"disk tier read: short read of {len(data)} of {length} bytes")
         return data
 
-    def _read_cached(self, offset: int, length: int) -> bytes | None:
+    def get_now(self, addr: int, length: int) -> bytearray | None:
+        """The payload if the page cache has all of it (never blocks); not copied into
+        ``bytes``, since the read path only decodes or sends it."""
+        return self._read_cached(HEADER_SIZE + addr, length)
+
+    def _read_cached(self, offset: int, length: int) -> bytearray | None:
         """The data if the page cache has all of it, else ``None`` (never blocks)."""
         if not self._nowait:
             return None
         buffer = bytearray(length)
         try:
             if os.preadv(self.arena.fd, [buffer], offset, os.RWF_NOWAIT) == length:
-                return bytes(buffer)
+                return buffer
         except BlockingIOError:
             pass
         except OSError as error:

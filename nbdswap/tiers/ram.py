@@ -49,6 +49,9 @@ class RamTier(SlabTier):
         self._mm[start : start + len(data)] = data
 
     async def get(self, addr: int, length: int) -> bytes:
+        return self.get_now(addr, length)
+
+    def get_now(self, addr: int, length: int) -> bytes:
         start = HEADER_SIZE + addr
         return self._mm[start : start + length]
 

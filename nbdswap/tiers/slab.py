@@ -365,6 +365,10 @@ class SlabTier(Tier):
         return self.allocator.has_room(nbytes)
 
     async def put(self, data: bytes) -> int:
+        return self.put_now(data)
+
+    def put_now(self, data: bytes) -> int:
+        """:meth:`put` without the coroutine: slab tiers never wait to write."""
         addr = self.allocator.alloc(len(data))
         try:
             self._write(addr, data)
