@@ -18,7 +18,9 @@ from nbdswap.tiers.slab import (
     SLAB_SIZE,
     SlabAllocator,
     punch_hole,
+    SPAN_SIZE,
     size_class,
+    slot_bytes,
     slots_per_slab,
 )
 
@@ -403,3 +405,28 @@ def test_misaligned_mark_used_assigns_no_slab():
     with pytest.raises(ValueError):
         allocator.mark_used(SLAB_SIZE + 100, 1000)
     assert allocator.slab_bytes == 0
+
+
+def test_large_payloads_take_spans_of_slabs_and_waste_little():
+    released = []
+    allocator = SlabAllocator(64 * SLAB_SIZE, on_empty_slab=released.append, large=True)
+    with pytest.raises(ValueError):
+        SlabAllocator(SLAB_SIZE).alloc(4097)  # only a large allocator takes them
+    lengths = [4097, 10_000, 10_000, 32 * 1024, 700]
+    addrs = [allocator.alloc(length) for length in lengths]
+    slots = sorted((addr, addr + slot_bytes(size_class(length, large=True))) for addr, length in zip(addrs, lengths))
+    assert all(end <= start for (_, end), (start, _) in zip(slots, slots[1:]))  # no overlaps
+    assert all(addr // SPAN_SIZE == (addr + length - 1) // SPAN_SIZE for addr, length in zip(addrs, lengths))
+    assert addrs[1] // SPAN_SIZE == addrs[2] // SPAN_SIZE  # one span per class
+    for length in range(4097, 32 * 1024 + 1, 97):
+        cls = size_class(length, large=True)
+        assert slot_bytes(cls) - length < 0.03 * length + 256
+    rebuilt = SlabAllocator(64 * SLAB_SIZE, large=True)
+    for addr, length in zip(addrs, lengths):
+        rebuilt.mark_used(addr, length)
+    with pytest.raises(ValueError):
+        rebuilt.mark_used(addrs[1] + SLAB_SIZE, 500)  # inside a span of another class
+    assert (rebuilt.used_bytes, rebuilt.slab_bytes) == (allocator.used_bytes, allocator.slab_bytes)
+    allocator.free(addrs[1], 10_000)
+    allocator.free(addrs[2], 10_000)
+    assert sorted(released) == list(range(addrs[1] // SLAB_SIZE, addrs[1] // SLAB_SIZE + 16))
