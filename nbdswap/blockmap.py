@@ -63,6 +63,9 @@ COMPRESSED = 0x01
 SAME_FILLED = 0x02
 #: The tier lost the data (e.g. the RAM arena vanished in a reboot): reads fail.
 LOST = 0x04
+#: The payload holds several pages of the block's group (codec.encode_group); the block's
+#: page is the one of slot ``block % GROUP_SIZE``, ``length`` the whole payload's.
+GROUPED = 0x08
 
 #: An entry as a 14-byte record: ``addr << 8 | flags << 2 | tier``, length, checksum.
 #: A same-filled entry has no length or checksum: its 64-bit word is spread over the

@@ -17,6 +17,10 @@ copy, compare-and-swap the map entry and free the old slot), in rate-limited bat
 * **Drain**: every block leaves a tier that takes no new blocks until undrained; the
   state is in the block map, so a drain resumes after a restart.
 * **Incompressible pages** (stored size above ``incompressible_bytes``) skip RAM.
+* **Grouped demotion**: blocks demoted or drained into the disk tier go with the other
+  blocks of their map group that are on the same tier (and, for a demotion, cold: heat
+  zero) in one grouped payload (:meth:`Store.move_group`).  Those companions are moves
+  beyond the ``batch`` budget (at most 15 per block).
 """
 
 from __future__ import annotations
@@ -26,12 +30,12 @@ import dataclasses
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, fields
 
-from .blockmap import TIER_NAMES, TIER_RAM, Entry
+from .blockmap import GROUP_BITS, GROUP_SIZE, TIER_NAMES, TIER_RAM, Entry
 from .errors import NoSpaceError, StoreError, TierUnavailableError
-from .store import BLOCK_SIZE, Store
+from .store import BLOCK_SIZE, GROUPED_TIERS, Store
 
 log = logging.getLogger(__name__)
 
@@ -268,14 +272,48 @@ class Policy:
         work = self._next_work(self.settings.batch)
         if not work:
             return False
-        results = await asyncio.gather(*(self._do(*item) for item in work), return_exceptions=True)
-        for item, result in zip(work, results):
+        jobs = self._jobs(work)
+        results = await asyncio.gather(*(job for _, job in jobs), return_exceptions=True)
+        for (item, _), result in zip(jobs, results):
             if isinstance(result, NoSpaceError | TierUnavailableError) and item[2] == "drain":
                 self._stop_drain(item[3], f"ran out of room while draining {item[3]}: {result}")
             elif isinstance(result, Exception):
                 log.warning("moving block %d (%s) failed: %s", item[0], item[2], result)
-        self._record(item[2] for item, result in zip(work, results) if result is True and item[1] is not None)
+        self._record(item[2] for (item, _), result in zip(jobs, results)
+                     if not isinstance(result, BaseException) and item[1] is not None
+                     for _ in range(int(result)))
         return True
+
+    def _jobs(self, work: list[tuple]) -> list[tuple[tuple, Awaitable]]:
+        """``(item, coroutine)`` for the work: demotions and drains into a grouped tier
+        become one :meth:`Store.move_group` per map group (with their companions); the
+        coroutine returns whether (or how many blocks) it moved."""
+        jobs, groups = [], {}
+        for item in work:
+            block, target, reason, tier = item
+            if target is not None and reason in ("demote", "drain") \
+                    and self.store.tier(target).tier_id in GROUPED_TIERS:
+                groups.setdefault((block >> GROUP_BITS, target, reason, tier), []).append(block)
+            else:
+                jobs.append((item, self._do(*item)))
+        taken = {item[0] for item in work}
+        for (group, target, reason, tier), blocks in groups.items():
+            blocks += self._companions(group, tier, taken, cold_only=reason == "demote")
+            jobs.append(((min(blocks), target, reason, tier), self.store.move_group(sorted(blocks), target, reason)))
+        return jobs
+
+    def _companions(self, group: int, tier: str, taken: set[int], *, cold_only: bool) -> list[int]:
+        """The other blocks of a map group stored on ``tier`` (only cold ones if asked)."""
+        tier_id, heat = self.store.tier(tier).tier_id, self.store.heat
+        first = group << GROUP_BITS
+        companions = []
+        for block in range(first, min(first + GROUP_SIZE, len(heat))):
+            if block in taken or (cold_only and heat[block]):
+                continue
+            entry = self.store.entry(block)
+            if entry is not None and entry.is_stored and entry.tier == tier_id:
+                companions.append(block)
+        return companions
 
     async def _take_tokens(self) -> None:
         """Wait until a batch fits the ``moves_per_second`` budget (yields to the loop)."""

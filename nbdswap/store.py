@@ -43,6 +43,16 @@ its backing in the same commit, so an acknowledged write never loses to a stale 
 
 Recency: :attr:`Store.heat` has one byte per block, set to :data:`HOT` on every read
 and write (one array store); the policy engine ages it (generalised CLOCK).
+
+Grouped payloads (:meth:`Store.move_group`): blocks of one aligned map group demoted to
+the disk tier together share one payload compressed as a whole
+(:func:`~nbdswap.codec.encode_group`); each of their entries, primary or clean copy,
+points at it with the ``GROUPED`` flag.  The store counts the references of each such
+payload in memory (rebuilt from the map at start-up) and frees its slot after the commit
+that removes the last one, so, as for other slots, never while a committed entry still
+points at it.  A payload keeps its whole slot until its last page goes: the dead space
+is reported as ``grouped_dead_bytes``.  Reads decode the whole group and keep the last
+:data:`GROUP_CACHE_LIMIT` decoded groups (swap readahead reads the neighbours next).
 """
 
 from __future__ import annotations
@@ -52,7 +62,7 @@ import heapq
 import logging
 import operator
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -61,6 +71,9 @@ import lmdb
 
 from .blockmap import (
     COMPRESSED,
+    GROUP_BITS,
+    GROUP_SIZE,
+    GROUPED,
     TIER_NAMES,
     LOST,
     MAP_FILE,
@@ -78,9 +91,12 @@ from .codec import (
     ZERO_PAGE,
     DecodeError,
     Encoded,
+    Group,
     PageKind,
+    decode_group,
     decode_payload,
     encode,
+    encode_group,
     same_filled_page,
 )
 from .errors import CorruptBlockError, NoSpaceError, StateDirError, StoreError, TierUnavailableError
@@ -108,6 +124,11 @@ LOCAL_TIERS = (RamTier, DiskTier)
 #: What a read or write sets a block's :attr:`Store.heat` to; the policy's CLOCK hand
 #: takes one off per pass, and demotes blocks it finds at zero.
 HOT = 3
+
+#: Tiers that take grouped payloads (the slab tier of large payloads, see tiers/slab.py).
+GROUPED_TIERS = frozenset({TIER_DISK})
+#: Decoded groups kept for reads of their other pages (at most 64 KiB each).
+GROUP_CACHE_LIMIT = 32
 
 #: Called with ``(block, tier id)`` for every read served from a tier slower than RAM.
 SlowReadObserver = Callable[[int, int], None]
@@ -162,6 +183,11 @@ class Store:
         self._backings: Counter[int] = Counter()  # clean copies per tier id
         self._moves: Counter[tuple[str, str, str]] = Counter()  # (from, to, reason)
         self._races_lost = self._clean_copy_hits = self._backings_dropped = 0
+        #: Grouped payloads by slot: [references by map entries, payload length].
+        self._groups: dict[tuple[int, int], list[int]] = {}
+        self._grouped: Counter[tuple[int, str]] = Counter()  # (tier id, payloads|refs|bytes)
+        self._group_cache: OrderedDict[tuple[int, int], Group] = OrderedDict()
+        self._groups_freed = 0  # a generation: a read decoded before a free is not cached
         #: Tier ids that take no new blocks (drained); persisted in the map.
         self.draining: set[int] = {tier.tier_id for tier in self._tiers.values()
                                    if tier.name in blockmap.draining()}
@@ -246,17 +272,22 @@ class Store:
         return backings
 
     def _adopt(self, block: int, entry: Entry) -> bool:
-        """Record a stored entry in its tier; False when its data is gone."""
+        """Record a stored entry in its tier (a grouped payload once, with a reference per
+        entry); False when its data is gone."""
         tier = self._tiers.get(entry.tier)
-        if tier is None:
-            return True  # not configured now: reads fail, the data stays for later
-        if tier.fresh:
+        if tier is not None and tier.fresh:
             return False
-        try:
-            tier.mark_used(entry.addr, entry.length)
-        except ValueError as error:
-            log.error("block %d: %s", block, error)
+        share = self._groups.get(_slot(entry)) if entry.flags & GROUPED else None
+        if share is not None and share[1] != entry.length:
+            log.error("block %d: grouped payload at %d of tier %d has two lengths", block, entry.addr, entry.tier)
             return False
+        if tier is not None and share is None:
+            try:
+                tier.mark_used(entry.addr, entry.length)
+            except ValueError as error:
+                log.error("block %d: %s", block, error)
+                return False
+        self._hold(entry)  # not configured now: reads fail, the data stays for later
         return True
 
     # --- the block device API ---------------------------------------------------
@@ -403,13 +434,13 @@ class Store:
         if backing is not None and backing.tier == target.tier_id and _same_data(entry, backing):
             return await self._commit_move(block, (entry, backing), (backing, None), reason, hit=True)
         try:
-            payload = await source.get(entry.addr, entry.length)
+            payload, moved = await self._payload_of(block, entry, source)
         except StoreError:
             if (self._current(block), self._current_backing(block)) != (entry, backing):
                 self._races_lost += 1
                 return False  # rewritten meanwhile: its old slot may be gone already
             raise
-        moved = entry._replace(tier=target.tier_id, addr=await target.put(payload))
+        moved = moved._replace(tier=target.tier_id, addr=await target.put(payload))
         kept = entry if keep_source else backing
         if kept is not None and (kept.tier <= moved.tier or kept.tier in self.draining):
             kept = None
@@ -417,6 +448,82 @@ class Store:
             target.free(moved.addr, moved.length)
             return False
         return True
+
+    async def _payload_of(self, block: int, entry: Entry, source: Tier) -> tuple[bytes, Entry]:
+        """The payload a move copies and its entry (tier and address still to set): the
+        stored payload, or a grouped block's page encoded on its own."""
+        if not entry.flags & GROUPED:
+            return await source.get(entry.addr, entry.length), entry
+        encoded = encode(await self._load(block, entry))
+        return encoded.payload, _stored_entry(source, encoded, 0)
+
+    async def move_group(self, blocks: Iterable[int], to_tier: str, reason: str = "manual") -> int:
+        """Move blocks of one aligned map group to ``to_tier`` in one grouped payload;
+        returns how many moved.
+
+        Blocks that cannot share the payload (unstored, already there, with a clean copy
+        there) move one by one with :meth:`move`; so do all when fewer than two would
+        share it, it would exceed the codec's limit, or the tier has no room for it.
+        Each block's entry is compare-and-swapped as in :meth:`move`.
+        """
+        target = self._tier_named(to_tier)
+        blocks = list(blocks)
+        if len({block >> GROUP_BITS for block in blocks}) != 1:
+            raise ValueError("move_group takes blocks of one map group")
+        joining = [block for block in blocks if self._may_join(block, target)] \
+            if target.tier_id in GROUPED_TIERS else []
+        pages = await self._pages_of(joining)
+        payload = encode_group({block & (GROUP_SIZE - 1): page for block, (_, _, page) in pages.items()}) \
+            if len(pages) >= 2 else None
+        if payload is None or not target.has_room(len(payload)):
+            pages = {}
+        moved = await self._stage_group(pages, target, payload, reason) if pages else 0
+        for block in blocks:
+            if block not in pages:
+                moved += await self.move(block, to_tier, reason)
+        return moved
+
+    def _may_join(self, block: int, target: Tier) -> bool:
+        """Whether the block's data would go into a grouped payload on ``target``."""
+        entry, backing = self._current(block), self._current_backing(block)
+        if entry is None or not entry.is_stored or entry.tier == target.tier_id or entry.tier not in self._tiers:
+            return False
+        return backing is None or backing.tier != target.tier_id or not _same_data(entry, backing)
+
+    async def _pages_of(self, blocks: list[int]) -> dict[int, tuple[Entry, Entry | None, bytes]]:
+        """Entry, clean copy and page of each block whose page reads back unchanged;
+        a block that fails to read is left out (a move of its own reports it)."""
+        pages = {}
+        for block in blocks:
+            entry, backing = self._current(block), self._current_backing(block)
+            try:
+                page = await self._load(block, entry)
+            except StoreError:
+                continue
+            if (self._current(block), self._current_backing(block)) == (entry, backing):
+                pages[block] = (entry, backing, page)
+        return pages
+
+    async def _stage_group(self, pages: dict[int, tuple[Entry, Entry | None, bytes]], target: Tier,
+                           payload: bytes, reason: str) -> int:
+        """Put the grouped payload and stage each block's entry pointing at it (only if
+        the block still has the entry its page came from); the number staged."""
+        addr = await target.put(payload)
+        batches = []
+        for block, (entry, backing, _) in pages.items():
+            moved = Entry(target.tier_id, GROUPED | COMPRESSED, len(payload), entry.checksum, addr)
+            kept = backing if backing is not None and backing.tier > moved.tier \
+                and backing.tier not in self.draining else None
+            batch = self._stage_if(block, entry, moved, expected_backing=backing, backing=kept)
+            if batch is None:
+                self._races_lost += 1
+                continue
+            self._moves[TIER_NAMES[entry.tier], TIER_NAMES[target.tier_id], reason] += 1
+            batches.append(batch)
+        if not batches:
+            target.free(addr, len(payload))
+        await self._settle(batches, fua=False)
+        return len(batches)
 
     async def drop_backing(self, block: int, tier: int | None = None) -> bool:
         """Free the block's clean copy (only one on ``tier``, if given); False if it has none."""
@@ -488,7 +595,7 @@ class Store:
         tiers = {tier_class.name: {**empty, "slab_bytes": 0} for tier_class in LOCAL_TIERS}
         tiers[RemoteTier.name] = {**empty, "up": False, "configured": False}
         for tier in self._tiers.values():
-            tiers[tier.name] = tier.stats()
+            tiers[tier.name] = {**tier.stats(), **self._grouped_stats(tier)}
             if tier is self._remote:
                 tiers[tier.name]["configured"] = True
             tiers[tier.name]["corrupt_reads_total"] = self._corrupt_reads[tier.tier_id]
@@ -500,6 +607,15 @@ class Store:
             "lost_blocks": self._lost,
             **self.move_stats(),
         }
+
+    def _grouped_stats(self, tier: Tier) -> dict[str, int]:
+        """``blocks`` as map references (a grouped payload holds several blocks), and the
+        grouped payloads' count, references and the bytes of pages no entry uses."""
+        payloads, refs, nbytes = (self._grouped[tier.tier_id, name] for name in ("payloads", "refs", "bytes"))
+        stats = {"blocks": tier.blocks - payloads + refs}
+        if tier.tier_id in GROUPED_TIERS:
+            stats.update(grouped_payloads=payloads, grouped_blocks=refs, grouped_stored_bytes=nbytes)
+        return stats
 
     @property
     def instance_id(self) -> str:
@@ -558,7 +674,13 @@ class Store:
         if entry is None or not entry.is_stored:
             return _unstored_page(block, entry)
         tier = self._stored_tier(block, entry)
-        return _decode(block, tier, entry, await tier.get(entry.addr, entry.length))
+        if not entry.flags & GROUPED:
+            return _decode(block, tier, entry, await tier.get(entry.addr, entry.length))
+        group = self._cached_group(entry)
+        if group is None:
+            freed = self._groups_freed
+            group = self._decoded_group(block, tier, entry, await tier.get(entry.addr, entry.length), freed)
+        return _group_page(block, tier, entry, group)
 
     def _page_now(self, block: int, entry: Entry | None) -> bytes | None:
         """:meth:`_load` without awaiting, or ``None`` if the tier must be awaited.
@@ -566,14 +688,37 @@ class Store:
         if entry is None or not entry.is_stored:
             return _unstored_page(block, entry)
         tier = self._stored_tier(block, entry)
-        payload = tier.get_now(entry.addr, entry.length)
-        if payload is None:
+        group = self._cached_group(entry) if entry.flags & GROUPED else None
+        payload = None if group is not None else tier.get_now(entry.addr, entry.length)
+        if payload is None and group is None:
             return None
         try:
-            return _decode(block, tier, entry, payload)
+            if not entry.flags & GROUPED:
+                return _decode(block, tier, entry, payload)
+            group = group or self._decoded_group(block, tier, entry, payload, self._groups_freed)
+            return _group_page(block, tier, entry, group)
         except CorruptBlockError:
             self._corrupt_reads[entry.tier] += 1
             raise
+
+    def _cached_group(self, entry: Entry) -> Group | None:
+        group = self._group_cache.get(_slot(entry))
+        if group is not None:
+            self._group_cache.move_to_end(_slot(entry))
+        return group
+
+    def _decoded_group(self, block: int, tier: Tier, entry: Entry, payload: bytes, freed: int) -> Group:
+        """Decode a grouped payload and cache it, unless a grouped slot was freed (and
+        so maybe reused) since ``freed`` was read, before the payload was."""
+        try:
+            group = decode_group(payload)
+        except DecodeError as error:
+            raise CorruptBlockError(f"block {block} on the {tier.name} tier: {error}") from None
+        if freed == self._groups_freed:
+            self._group_cache[_slot(entry)] = group
+            if len(self._group_cache) > GROUP_CACHE_LIMIT:
+                self._group_cache.popitem(last=False)
+        return group
 
     def _stored_tier(self, block: int, entry: Entry) -> Tier:
         tier = self._tiers.get(entry.tier)
@@ -702,12 +847,44 @@ class Store:
         raise ValueError(f"no tier named {name!r} is configured")
 
     def _discard(self, entry: Entry | None) -> None:
-        """Free the tier slot of an entry nobody can see any more."""
-        if entry is not None and entry.is_stored and entry.tier in self._tiers:
+        """Free the tier slot of an entry nobody can see any more (a grouped payload's
+        once its last reference goes)."""
+        if entry is None or not entry.is_stored or (entry.flags & GROUPED and not self._release(entry, 1)):
+            return
+        if entry.tier in self._tiers:
             try:
                 self._tiers[entry.tier].free(entry.addr, entry.length)
             except ValueError:
                 log.exception("tier slot of %r was already free", entry)
+
+    def _hold(self, entry: Entry | None) -> None:
+        """Count a new map reference to a grouped payload."""
+        if entry is None or not entry.is_stored or not entry.flags & GROUPED:
+            return
+        share = self._groups.get(_slot(entry))
+        if share is None:
+            share = self._groups[_slot(entry)] = [0, entry.length]
+            self._grouped[entry.tier, "payloads"] += 1
+            self._grouped[entry.tier, "bytes"] += entry.length
+        share[0] += 1
+        self._grouped[entry.tier, "refs"] += 1
+
+    def _release(self, entry: Entry, count: int) -> bool:
+        """Drop ``count`` references to a grouped payload; True if that was the last."""
+        share = self._groups.get(_slot(entry))
+        if share is None or share[0] < count:
+            log.error("grouped payload at %d of tier %d: more references dropped than held", entry.addr, entry.tier)
+            return False
+        share[0] -= count
+        self._grouped[entry.tier, "refs"] -= count
+        if share[0]:
+            return False
+        del self._groups[_slot(entry)]
+        self._grouped[entry.tier, "payloads"] -= 1
+        self._grouped[entry.tier, "bytes"] -= entry.length
+        self._group_cache.pop(_slot(entry), None)
+        self._groups_freed += 1
+        return True
 
     # --- staging and grouped commits ----------------------------------------------
 
@@ -743,9 +920,11 @@ class Store:
             self._count_backing(old_backing, -1)
             self._count_backing(backing, 1)
         kept = {_slot(kept) for kept in (entry, backing) if kept is not None and kept.is_stored}
-        for gone in (old, old_backing):
-            if gone is not None and gone.is_stored and _slot(gone) not in kept:
+        for gone in (old, old_backing):  # a grouped payload's reference goes in any case
+            if gone is not None and gone.is_stored and (gone.flags & GROUPED or _slot(gone) not in kept):
                 batch.replaced.append((block, gone))
+        self._hold(entry)
+        self._hold(backing)
         self._count(old, -1)
         self._count(entry, 1)
         return batch
@@ -778,12 +957,25 @@ class Store:
         for block, backing in batch.backing.items():
             self._count_backing(backing, -1)
             self._count_backing(batch.backing_base[block], 1)
-        committed = {_slot(entry) for entry in (*batch.base.values(), *batch.backing_base.values())
-                     if entry is not None and entry.is_stored}
-        filled = [*batch.changes.values(), *batch.backing.values(), *(entry for _, entry in batch.replaced)]
-        for entry in {_slot(entry): entry for entry in filled if entry is not None and entry.is_stored}.values():
+        bases = [entry for entry in (*batch.base.values(), *batch.backing_base.values())
+                 if entry is not None and entry.is_stored]
+        filled = [entry for entry in (*batch.changes.values(), *batch.backing.values(),
+                                      *(entry for _, entry in batch.replaced)) if entry is not None and entry.is_stored]
+        committed = {_slot(entry) for entry in bases}
+        for entry in {_slot(entry): entry for entry in filled if not entry.flags & GROUPED}.values():
             if _slot(entry) not in committed:
                 self._discard(entry)
+        self._roll_back_groups(bases, filled)
+
+    def _roll_back_groups(self, bases: list[Entry], filled: list[Entry]) -> None:
+        """Undo the grouped references the batch added: every entry it staged (those it
+        replaced again included) took one; its base entries keep theirs."""
+        staged = Counter(_slot(entry) for entry in filled if entry.flags & GROUPED)
+        staged.subtract(_slot(entry) for entry in bases if entry.flags & GROUPED)
+        entries = {_slot(entry): entry for entry in filled if entry.flags & GROUPED}
+        for slot, count in staged.items():
+            if count and self._release(entries[slot], count) and entries[slot].tier in self._tiers:
+                self._tiers[entries[slot].tier].free(entries[slot].addr, entries[slot].length)
 
     async def _settle(self, batches: list[_Batch], fua: bool) -> None:
         """Wait until the batches are committed (and durable, with ``fua``)."""
@@ -859,7 +1051,10 @@ def _slot(entry: Entry) -> tuple[int, int]:
 
 
 def _same_data(entry: Entry, copy: Entry) -> bool:
-    """Whether ``copy`` holds the payload ``entry`` describes (in another tier)."""
+    """Whether ``copy`` holds the payload ``entry`` describes (in another tier); a page
+    in a grouped payload has another payload, the same page checksum."""
+    if (entry.flags | copy.flags) & GROUPED:
+        return entry.checksum == copy.checksum
     return (entry.flags, entry.length, entry.checksum) == (copy.flags, copy.length, copy.checksum)
 
 
@@ -875,6 +1070,13 @@ def _unstored_page(block: int, entry: Entry | None) -> bytes:
 def _decode(block: int, tier: Tier, entry: Entry, payload: bytes) -> bytes:
     try:
         return decode_payload(payload, bool(entry.flags & COMPRESSED), entry.checksum)
+    except DecodeError as error:
+        raise CorruptBlockError(f"block {block} on the {tier.name} tier: {error}") from None
+
+
+def _group_page(block: int, tier: Tier, entry: Entry, group: Group) -> bytes:
+    try:
+        return group.page(block & (GROUP_SIZE - 1), entry.checksum)
     except DecodeError as error:
         raise CorruptBlockError(f"block {block} on the {tier.name} tier: {error}") from None
 
