@@ -20,6 +20,7 @@ from nbdswap.store import BLOCK_SIZE, Store
 from nbdswap.tiers.ram import arena_path
 from nbdswap.tiers.slab import SLAB_SIZE
 from nbdutil import ServerProcess, nbdswap_command, run_client
+from test_store import grouped_references
 from redisutil import RedisServer
 
 MiB = 1 << 20
@@ -202,6 +203,24 @@ async def test_watermarks_demote_cold_blocks_and_keep_hot_ones(state_dir):
     await store.close()
 
 
+async def test_cold_neighbours_are_demoted_in_one_grouped_payload(state_dir):
+    store = open_store(state_dir)
+    policy = Policy(store, PolicySettings(ram_high=0.02, ram_low=0.01, batch=2, moves_per_second=10 ** 6))
+    data = b"".join(page(seed) for seed in range(32))
+    await store.write(0, data)
+    store.heat[:] = bytes(len(store.heat))
+    store.heat[20] = store.heat[21] = 3  # hot: they stay in RAM while the hand passes them
+    await policy.step()  # blocks 0 and 1, and the rest of their group as companions
+    await policy.step()  # 16 and 17, with the cold ones of their group
+    assert [tier_of(store, block) for block in range(32)] == [TIER_DISK] * 20 + [TIER_RAM] * 2 + [TIER_DISK] * 10
+    disk = store.stats()["tiers"]["disk"]
+    assert (disk["grouped_payloads"], disk["grouped_blocks"], disk["blocks"]) == (2, 30, 30)
+    assert {store.entry(block).addr for block in range(16)} != {store.entry(block).addr for block in range(16, 32)}
+    assert store.move_stats()["moves"] == {"ram": {"disk": {"demote": 30}}}
+    assert await store.read(0, len(data)) == data
+    await store.close()
+
+
 async def test_promotion_rules(state_dir):
     store = open_store(state_dir)
     policy = Policy(store, PolicySettings(promote="second", moves_per_second=100000))
@@ -296,6 +315,7 @@ class PolicyModel(RuleBasedStateMachine):
         self.state_dir = f"{self.tmp.name}/state"
         self.loop = asyncio.new_event_loop()
         self.model: dict[int, bytes] = {}
+        self.grouped = 0  # the most grouped payloads seen at once
         self.settings = PolicySettings(ram_high=0.5, ram_low=0.3, batch=8, moves_per_second=10 ** 6,
                                        promote="always", incompressible_bytes=4000)
         self._open()
@@ -319,6 +339,16 @@ class PolicyModel(RuleBasedStateMachine):
             return  # every tier that takes blocks is full: the block keeps its old data
         self.model[block] = data
 
+    @rule(block=blocks, count=st.integers(2, 16), seed=st.integers(0, 50))
+    def write_run(self, block, count, seed):
+        """Neighbouring blocks written together (a swap-out cluster): candidates for a group."""
+        pages = [page(seed + index) for index in range(min(count, 64 - block))]
+        try:
+            self.run(self.store.write(block * BLOCK_SIZE, b"".join(pages)))
+        except NoSpaceError:
+            return  # a failed write stores none of its blocks
+        self.model.update(zip(range(block, block + len(pages)), pages))
+
     @rule(block=blocks)
     def read(self, block):
         assert self.run(self.store.read(block * BLOCK_SIZE, BLOCK_SIZE)) == self.model.get(block, bytes(BLOCK_SIZE))
@@ -335,6 +365,15 @@ class PolicyModel(RuleBasedStateMachine):
 
     @rule(steps=st.integers(1, 5))
     def step(self, steps):
+        for _ in range(steps):
+            self.run(self.policy.step())
+
+    @rule(steps=st.integers(1, 10))
+    def cold_demotion(self, steps):
+        """Every block cold and RAM above its watermark: the CLOCK demotes groups to disk."""
+        self.store.heat[:] = bytes(len(self.store.heat))
+        self.policy.set("ram_low", 0.01)
+        self.policy.set("ram_high", 0.02)
         for _ in range(steps):
             self.run(self.policy.step())
 
@@ -365,7 +404,10 @@ class PolicyModel(RuleBasedStateMachine):
         stored = sum(1 for _, entry in self.store._map.items() if entry.is_stored)
         backings = sum(1 for _ in self.store._map.backing_items())
         if self.store._batch is None:
-            assert self.store.tier("ram").blocks + self.store.tier("disk").blocks == stored + backings
+            tiers = self.store.stats()["tiers"]
+            assert tiers["ram"]["blocks"] + tiers["disk"]["blocks"] == stored + backings
+            assert {slot: share[0] for slot, share in self.store._groups.items()} == grouped_references(self.store)
+            self.grouped = max(self.grouped, tiers["disk"]["grouped_payloads"])
 
     def teardown(self):
         for block in range(64):

@@ -20,12 +20,12 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from nbdswap import store as store_module
-from nbdswap.blockmap import LOST, MAP_FILE, SAME_FILLED, TIER_DISK, TIER_RAM, BlockMap
+from nbdswap.blockmap import GROUPED, LOST, ZERO_ENTRY, MAP_FILE, SAME_FILLED, TIER_DISK, TIER_RAM, BlockMap
 from nbdswap.errors import CorruptBlockError, NoSpaceError, StateDirError, StoreError, TierUnavailableError
 from nbdswap.store import BLOCK_SIZE, HOLE, ZERO, Store, _partial_edges, _split
 from nbdswap.tiers.disk import DISK_FILE
 from nbdswap.tiers.ram import arena_path
-from nbdswap.tiers.slab import GRANULE, HEADER_SIZE, SLAB_SIZE, size_class
+from nbdswap.tiers.slab import HEADER_SIZE, SLAB_SIZE, size_class, slot_bytes
 
 SECTOR = 512
 MiB = 1 << 20
@@ -51,9 +51,11 @@ def make_data(kind: str, seed: int, length: int) -> bytes:
 
 
 def recount(store: Store) -> dict:
-    """What the store's counters should say, recounted from the block map."""
+    """What the store's counters should say, recounted from the block map (a grouped
+    payload's bytes once, however many blocks it holds)."""
     tiers = {name: Counter() for name in ("ram", "disk")}
     counts = Counter()
+    payloads = set()
     for _, entry in store._map.items():
         counts["blocks"] += 1
         if entry.is_zero:
@@ -65,8 +67,11 @@ def recount(store: Store) -> dict:
         else:
             tier = tiers["ram" if entry.tier == TIER_RAM else "disk"]
             tier["blocks"] += 1
+            if (entry.tier, entry.addr) in payloads:
+                continue
+            payloads.add((entry.tier, entry.addr))
             tier["stored_bytes"] += entry.length
-            tier["used_bytes"] += size_class(entry.length) * GRANULE
+            tier["used_bytes"] += slot_bytes(size_class(entry.length, large=entry.tier == TIER_DISK))
     return {
         "tiers": {name: dict(values) for name, values in tiers.items()},
         "map": counts["blocks"],
@@ -74,6 +79,12 @@ def recount(store: Store) -> dict:
         "same_filled_blocks": counts["same"],
         "lost_blocks": counts["lost"],
     }
+
+
+def grouped_references(store: Store) -> Counter:
+    """References to each grouped payload, counted in the map (primaries and clean copies)."""
+    entries = (*store._map.items(), *store._map.backing_items())
+    return Counter((entry.tier, entry.addr) for _, entry in entries if entry.flags & GROUPED and entry.is_stored)
 
 
 def counted(store: Store) -> dict:
@@ -270,6 +281,27 @@ class StoreMachine(RuleBasedStateMachine):
         except NoSpaceError:
             pass
 
+    @rule(group=st.integers(0, (BLOCKS - 1) // 16), tier=st.sampled_from(["disk", "ram"]),
+          writes=st.lists(st.integers(0, 15), max_size=3, unique=True), seed=st.integers(0, 2**16))
+    def move_group_racing_writes(self, group, tier, writes, seed):
+        """A grouped demotion (or, to RAM, per-page moves) while some of its blocks are rewritten."""
+        blocks = [block for block in range(group * 16, group * 16 + 16) if block < self.BLOCKS]
+        written = [blocks[0] + offset for offset in writes if blocks[0] + offset < self.BLOCKS]
+        data = {block: make_data("text", seed + block, BLOCK_SIZE) for block in written}
+
+        async def together():
+            return await asyncio.gather(self.store.move_group(blocks, tier),
+                                        *(self.store.write(block * BLOCK_SIZE, data[block]) for block in written),
+                                        return_exceptions=True)
+
+        results = self.run(together())
+        for block in written:
+            self.model[block * BLOCK_SIZE : (block + 1) * BLOCK_SIZE] = data[block]
+        assert not isinstance(results[0], BaseException) or isinstance(results[0], NoSpaceError)
+        for result in results[1:]:
+            if isinstance(result, BaseException):
+                raise result
+
     @rule(first=st.integers(0, SECTORS - 1), count=st.integers(1, 40))
     def read(self, first, count):
         offset, length = self._range(first, count)
@@ -303,6 +335,11 @@ class StoreMachine(RuleBasedStateMachine):
     def counters_equal_a_recount(self):
         if self.store is not None:
             assert counted(self.store) == recount(self.store)
+
+    @invariant()
+    def grouped_references_equal_the_map(self):
+        if self.store is not None and self.store._batch is None:
+            assert {slot: share[0] for slot, share in self.store._groups.items()} == grouped_references(self.store)
 
     @invariant()
     def extents_cover_the_device_and_zeros_read_as_zeros(self):
@@ -936,3 +973,152 @@ async def test_map_damage_found_during_rebuild_is_a_state_dir_error(state_dir, m
     monkeypatch.setattr(BlockMap, "items", damaged)
     with pytest.raises(StateDirError, match="is damaged"):
         open_store(state_dir)
+
+
+# --- grouped payloads on the disk tier ---------------------------------------------------
+
+
+def group_data() -> bytes:
+    """16 blocks of every kind: text, incompressible, zero and same-filled."""
+    kinds = ["text"] * 8 + ["random"] * 3 + ["zero"] * 2 + ["same"] * 2 + ["text"]
+    return b"".join(make_data(kind, seed, BLOCK_SIZE) for seed, kind in enumerate(kinds))
+
+
+async def grouped_store(state_dir, data: bytes) -> Store:
+    """A store with ``data`` written to RAM and then moved to disk group by group."""
+    store = open_store(state_dir)
+    await store.write(0, data)
+    for first in range(0, len(data) // BLOCK_SIZE, 16):
+        await store.move_group(range(first, first + 16), "disk")
+    return store
+
+
+def disk_usage(store: Store) -> tuple[int, int, int]:
+    disk = store.stats()["tiers"]["disk"]
+    return disk["grouped_payloads"], disk["grouped_blocks"], store.tier("disk").used_bytes
+
+
+async def test_grouped_demotion_round_trips_every_byte(state_dir):
+    data = group_data() + make_data("text", 99, 16 * BLOCK_SIZE)
+    store = await grouped_store(state_dir, data)
+    stored = [block for block in range(32) if store.entry(block).is_stored]
+    assert len(stored) == 28  # zero and same-filled pages have no payload
+    assert all(store.entry(block).tier == TIER_DISK and store.entry(block).flags & GROUPED for block in stored)
+    assert len({store.entry(block).addr for block in stored}) == 2
+    assert disk_usage(store)[:2] == (2, 28)
+    assert store.stats()["tiers"]["disk"]["blocks"] == 28
+    assert store.tier("disk").stored_bytes < sum(len(zstd_page) for zstd_page in map(
+        lambda block: store_module.encode(data[block * BLOCK_SIZE : (block + 1) * BLOCK_SIZE]).payload, stored))
+    assert await store.read(0, len(data)) == data
+    store._group_cache.clear()
+    assert [store.read_now(block * BLOCK_SIZE, BLOCK_SIZE) for block in range(32)] == \
+        [data[block * BLOCK_SIZE : (block + 1) * BLOCK_SIZE] for block in range(32)]
+    assert counted(store) == recount(store)
+    await store.close()
+
+
+async def test_rewrites_and_trims_keep_the_other_pages_and_free_with_the_last(state_dir):
+    data = make_data("text", 5, 16 * BLOCK_SIZE)
+    store = await grouped_store(state_dir, data)
+    assert disk_usage(store)[:2] == (1, 16)
+    used = store.tier("disk").used_bytes
+    new = make_data("text", 6, BLOCK_SIZE)
+    await store.write(3 * BLOCK_SIZE, new)  # goes to RAM
+    await store.trim(8 * BLOCK_SIZE, 4 * BLOCK_SIZE)
+    await store.write(0, bytes(SECTOR))  # a partial write: read-modify-write of a grouped page
+    expected = bytearray(data)
+    expected[3 * BLOCK_SIZE : 4 * BLOCK_SIZE] = new
+    expected[8 * BLOCK_SIZE : 12 * BLOCK_SIZE] = bytes(4 * BLOCK_SIZE)
+    expected[:SECTOR] = bytes(SECTOR)
+    assert await store.read(0, len(data)) == expected
+    assert disk_usage(store) == (1, 10, used)  # the payload keeps its slot
+    live = [block for block in range(16) if (store.entry(block) or ZERO_ENTRY).tier == TIER_DISK]
+    for block in live[:-1]:
+        await store.trim(block * BLOCK_SIZE, BLOCK_SIZE)
+        assert disk_usage(store) == (1, len(live) - 1 - live.index(block), used)
+    await store.write(live[-1] * BLOCK_SIZE, new)
+    assert disk_usage(store) == (0, 0, 0)
+    assert store.tier("disk").blocks == 0
+    await store.close()
+
+
+async def test_restart_rebuilds_references_and_frees_nothing_still_referenced(state_dir):
+    data = make_data("text", 7, 32 * BLOCK_SIZE)
+    store = await grouped_store(state_dir, data)
+    await store.trim(0, 15 * BLOCK_SIZE)  # one page of the first payload stays
+    await store.close()
+    store = open_store(state_dir, ram_max=0)
+    assert disk_usage(store)[:2] == (2, 17)
+    assert store._groups == {slot: [refs, length] for slot, (refs, length) in
+                             zip(grouped_references(store), ([1, store.entry(15).length], [16, store.entry(16).length]))}
+    fresh = make_data("random", 8, 16 * BLOCK_SIZE)
+    await store.write(15 * BLOCK_SIZE, fresh[:BLOCK_SIZE])  # frees the first payload
+    await store.write(0, fresh[BLOCK_SIZE:] + fresh[:BLOCK_SIZE])  # disk slots, maybe the freed one
+    assert await store.read(16 * BLOCK_SIZE, 16 * BLOCK_SIZE) == data[16 * BLOCK_SIZE :]
+    assert disk_usage(store)[:2] == (1, 16)
+    assert counted(store) == recount(store)
+    await store.close()
+
+
+@pytest.mark.parametrize("where", ["header", "frame"])
+async def test_a_corrupted_grouped_payload_reads_as_eio(state_dir, where):
+    data = make_data("text", 11, 16 * BLOCK_SIZE)
+    store = await grouped_store(state_dir, data)
+    entry = store.entry(0)
+    await store.close()
+    with open(state_dir / DISK_FILE, "r+b") as disk:
+        disk.seek(HEADER_SIZE + entry.addr + (1 if where == "header" else entry.length // 2))
+        byte = disk.read(1)
+        disk.seek(-1, os.SEEK_CUR)
+        disk.write(bytes([byte[0] ^ 0x04]))
+    store = open_store(state_dir)
+    failed = 0
+    for block in range(16):
+        try:
+            assert await store.read(block * BLOCK_SIZE, BLOCK_SIZE) == data[block * BLOCK_SIZE : (block + 1) * BLOCK_SIZE]
+        except CorruptBlockError as error:
+            assert f"block {block}" in str(error)
+            failed += 1
+    assert failed
+    assert store.stats()["tiers"]["disk"]["corrupt_reads_total"] == failed
+    with pytest.raises(CorruptBlockError):
+        store.read_now(0, 16 * BLOCK_SIZE)
+    await store.close()
+
+
+async def test_grouped_blocks_promote_keep_a_clean_copy_and_demote_onto_it(state_dir):
+    data = make_data("text", 12, 16 * BLOCK_SIZE)
+    store = await grouped_store(state_dir, data)
+    payload = store.entry(2)
+    assert await store.move(2, "ram", keep_source=True)
+    assert store.entry(2).tier == TIER_RAM and not store.entry(2).flags & GROUPED
+    assert store._map.get_backing(2) == payload
+    assert disk_usage(store)[:2] == (1, 16)  # the clean copy still references the payload
+    assert await store.move_group(range(16), "disk") == 1  # only block 2 was elsewhere: a map change
+    assert store.entry(2) == payload and store.move_stats()["clean_copy_hits"] == 1
+    await store.move(4, "ram")
+    await store.write(2 * BLOCK_SIZE, bytes(SECTOR))
+    expected = bytearray(data)
+    expected[2 * BLOCK_SIZE : 2 * BLOCK_SIZE + SECTOR] = bytes(SECTOR)
+    assert await store.read(0, len(data)) == expected
+    assert counted(store) == recount(store)
+    await store.close()
+
+
+async def test_a_failed_grouped_commit_frees_the_payload(state_dir, monkeypatch):
+    data = make_data("text", 13, 16 * BLOCK_SIZE)
+    store = open_store(state_dir)
+    await store.write(0, data)
+    before = store.stats()
+
+    def fail(changes, backing=None):
+        raise lmdb.DiskError("disk full")
+
+    monkeypatch.setattr(store._map, "commit", fail)
+    with pytest.raises(StoreError, match="commit failed"):
+        await store.move_group(range(16), "disk")
+    monkeypatch.undo()
+    assert store.stats()["tiers"] == before["tiers"] and store._groups == {}
+    assert store.tier("disk").used_bytes == 0
+    assert await store.read(0, len(data)) == data
+    await store.close()
