@@ -82,6 +82,9 @@ _TIER_HELP = {
     "capacity_bytes": "Bytes of payload slots the tier may allocate",
     "slab_bytes": "Bytes of the slabs the tier has in use (its memory or file footprint)",
     "logical_bytes": "Bytes the tier's blocks hold before compression (blocks x 4096)",
+    "grouped_payloads": "Payloads holding several blocks of one map group, compressed together",
+    "grouped_blocks": "Map entries (blocks and clean copies) pointing into grouped payloads",
+    "grouped_stored_bytes": "Bytes of the grouped payloads (included in stored_bytes)",
 }
 _STORE_HELP = {
     "map_blocks": "Blocks with an entry in the block map",

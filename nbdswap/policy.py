@@ -21,19 +21,23 @@ copy, compare-and-swap the map entry and free the old slot), in rate-limited bat
   blocks of their map group that are on the same tier (and, for a demotion, cold: heat
   zero) in one grouped payload (:meth:`Store.move_group`).  Those companions are moves
   beyond the ``batch`` budget (at most 15 per block).
+* **Compaction**: grouped payloads that lost references are offered to
+  :meth:`Store.compact`, which re-stores their live pages once half of them are dead;
+  up to :data:`COMPACTIONS_PER_BATCH` per batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, fields
 
-from .blockmap import GROUP_BITS, GROUP_SIZE, TIER_NAMES, TIER_RAM, Entry
+from .blockmap import GROUP_BITS, GROUP_SIZE, GROUPED, TIER_NAMES, TIER_RAM, Entry
 from .errors import NoSpaceError, StoreError, TierUnavailableError
 from .store import BLOCK_SIZE, GROUPED_TIERS, Store
 
@@ -45,6 +49,8 @@ SCAN_LIMIT = 256
 #: Reads remembered for the ``second`` promotion rule, and promotions queued.
 RECENT_READS_LIMIT = 65536
 PROMOTION_QUEUE_LIMIT = 4096
+#: Grouped payloads looked at for compaction per batch.
+COMPACTIONS_PER_BATCH = 4
 #: Seconds of move history behind the recent move rates.
 RATE_WINDOW = 10.0
 
@@ -270,9 +276,9 @@ class Policy:
         """One rate-limited batch of work; True if there may be more to do right away."""
         await self._take_tokens()
         work = self._next_work(self.settings.batch)
-        if not work:
+        jobs = self._jobs(work) + self._compaction_jobs()
+        if not jobs:
             return False
-        jobs = self._jobs(work)
         results = await asyncio.gather(*(job for _, job in jobs), return_exceptions=True)
         for (item, _), result in zip(jobs, results):
             if isinstance(result, NoSpaceError | TierUnavailableError) and item[2] == "drain":
@@ -300,6 +306,14 @@ class Policy:
         for (group, target, reason, tier), blocks in groups.items():
             blocks += self._companions(group, tier, taken, cold_only=reason == "demote")
             jobs.append(((min(blocks), target, reason, tier), self.store.move_group(sorted(blocks), target, reason)))
+        return jobs
+
+    def _compaction_jobs(self) -> list[tuple[tuple, Awaitable]]:
+        """Compactions of grouped payloads that lost references (see :meth:`Store.compact`)."""
+        jobs = []
+        for tier_id, addr in itertools.islice(self.store.sparse_payloads(), COMPACTIONS_PER_BATCH):
+            name = TIER_NAMES[tier_id]
+            jobs.append(((addr, name, "compact", name), self.store.compact(tier_id, addr)))
         return jobs
 
     def _companions(self, group: int, tier: str, taken: set[int], *, cold_only: bool) -> list[int]:
@@ -376,7 +390,7 @@ class Policy:
             return
         targets = self._targets(tier, down_only=False)
         for block, entry in self._scan(tier, "drain", clock=False):
-            target = None if entry is None else self._with_room(targets, entry.length)
+            target = None if entry is None else self._with_room(targets, _moved_length(entry))
             if entry is not None and target is None:
                 self._stop_drain(tier, f"no other tier has room for the blocks of {tier}")
                 return
@@ -405,7 +419,7 @@ class Policy:
     def _demotion_work(self, tier: str) -> Iterator[tuple]:
         targets = self._targets(tier, down_only=True)
         for block, entry in self._scan(tier, "demote", clock=True):
-            target = None if entry is None else self._with_room(targets, entry.length)
+            target = None if entry is None else self._with_room(targets, _moved_length(entry))
             if entry is not None and target is None:
                 self._stalled[tier] += 1
                 return
@@ -523,6 +537,12 @@ class Policy:
             "policy_show": lambda _request: {"settings": self.settings.as_dict()},
             "policy_set": lambda request: {"settings": self.set(request["key"], request["value"])},
         }
+
+
+def _moved_length(entry: Entry) -> int:
+    """The payload length a move of the block needs: a grouped block leaves its payload
+    as a page of its own, of at most a block."""
+    return BLOCK_SIZE if entry.flags & GROUPED else entry.length
 
 
 def _limited(items: Iterator, limit: int) -> Iterator:

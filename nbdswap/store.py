@@ -50,9 +50,11 @@ the disk tier together share one payload compressed as a whole
 points at it with the ``GROUPED`` flag.  The store counts the references of each such
 payload in memory (rebuilt from the map at start-up) and frees its slot after the commit
 that removes the last one, so, as for other slots, never while a committed entry still
-points at it.  A payload keeps its whole slot until its last page goes: the dead space
-is reported as ``grouped_dead_bytes``.  Reads decode the whole group and keep the last
-:data:`GROUP_CACHE_LIMIT` decoded groups (swap readahead reads the neighbours next).
+points at it.  A payload keeps its whole slot until its last page goes; once at most
+:data:`COMPACT_LIVE_SHARE` of its pages are referenced, :meth:`Store.compact` (run by the
+policy engine) stores the live ones anew and frees it.  Reads decode the whole group and
+keep the last :data:`GROUP_CACHE_LIMIT` decoded groups (swap readahead reads the
+neighbours next).
 """
 
 from __future__ import annotations
@@ -129,6 +131,9 @@ HOT = 3
 GROUPED_TIERS = frozenset({TIER_DISK})
 #: Decoded groups kept for reads of their other pages (at most 64 KiB each).
 GROUP_CACHE_LIMIT = 32
+#: A grouped payload whose referenced pages are at most this share of those it holds is
+#: compacted: its dead pages cost at most about as much as its live ones.
+COMPACT_LIVE_SHARE = 0.5
 
 #: Called with ``(block, tier id)`` for every read served from a tier slower than RAM.
 SlowReadObserver = Callable[[int, int], None]
@@ -183,8 +188,10 @@ class Store:
         self._backings: Counter[int] = Counter()  # clean copies per tier id
         self._moves: Counter[tuple[str, str, str]] = Counter()  # (from, to, reason)
         self._races_lost = self._clean_copy_hits = self._backings_dropped = 0
-        #: Grouped payloads by slot: [references by map entries, payload length].
+        #: Grouped payloads by slot: [references by map entries, payload length, map group,
+        #: pages it holds (0 until known: learnt when it is decoded)].
         self._groups: dict[tuple[int, int], list[int]] = {}
+        self._sparse: dict[tuple[int, int], None] = {}  # payloads that lost a reference
         self._grouped: Counter[tuple[int, str]] = Counter()  # (tier id, payloads|refs|bytes)
         self._group_cache: OrderedDict[tuple[int, int], Group] = OrderedDict()
         self._groups_freed = 0  # a generation: a read decoded before a free is not cached
@@ -287,7 +294,7 @@ class Store:
             except ValueError as error:
                 log.error("block %d: %s", block, error)
                 return False
-        self._hold(entry)  # not configured now: reads fail, the data stays for later
+        self._hold(block, entry)  # not configured now: reads fail, the data stays for later
         return True
 
     # --- the block device API ---------------------------------------------------
@@ -520,10 +527,96 @@ class Store:
                 continue
             self._moves[TIER_NAMES[entry.tier], TIER_NAMES[target.tier_id], reason] += 1
             batches.append(batch)
-        if not batches:
+        if batches:
+            self._groups[target.tier_id, addr][3] = len(pages)
+        else:
             target.free(addr, len(payload))
         await self._settle(batches, fua=False)
         return len(batches)
+
+    def sparse_payloads(self) -> Iterator[tuple[int, int]]:
+        """Slots ``(tier id, address)`` of grouped payloads that lost references since
+        they were last looked at (each is forgotten as it is yielded)."""
+        while self._sparse:
+            slot = next(iter(self._sparse))
+            del self._sparse[slot]
+            yield slot
+
+    async def compact(self, tier_id: int, addr: int) -> int:
+        """If at most :data:`COMPACT_LIVE_SHARE` of a grouped payload's pages are still
+        referenced, store them anew on its tier (grouped if two or more) and let the
+        commit free it; returns how many references moved (0: left as it is)."""
+        share = self._groups.get((tier_id, addr))
+        tier = self._tiers.get(tier_id)
+        if share is None or tier is None or tier_id in self.draining:
+            return 0
+        holders = self._holders(share[2], (tier_id, addr))
+        pages = {}
+        for block, entry, backing in holders:
+            try:
+                pages[block] = await self._load(block, entry if _in_slot(entry, (tier_id, addr)) else backing)
+            except StoreError:
+                return 0  # a damaged payload stays: its blocks read as EIO until rewritten
+        packed = share[3] or len(pages)
+        if len(pages) > COMPACT_LIVE_SHARE * packed:
+            return 0
+        payload = encode_group({block & (GROUP_SIZE - 1): page for block, page in pages.items()}) \
+            if len(pages) >= 2 else None
+        if payload is None:
+            return sum([await self._restore_alone(holder, (tier_id, addr), pages[holder[0]], tier)
+                        for holder in holders])
+        if not tier.has_room(len(payload)):
+            return 0
+        new_addr = await tier.put(payload)
+        template = Entry(tier_id, GROUPED | COMPRESSED, len(payload), 0, new_addr)
+        batches = [batch for holder in holders
+                   if (batch := self._repoint(holder, (tier_id, addr), template)) is not None]
+        if batches:
+            self._groups[tier_id, new_addr][3] = len(pages)
+        else:
+            tier.free(new_addr, len(payload))
+        await self._settle(batches, fua=False)
+        return len(batches)
+
+    def _holders(self, group: int, slot: tuple[int, int]) -> list[tuple[int, Entry, Entry | None]]:
+        """(block, entry, clean copy) of the blocks of ``group`` whose entry or clean copy
+        is in the payload at ``slot``."""
+        holders = []
+        for block in range(group << GROUP_BITS, min((group + 1) << GROUP_BITS, len(self.heat))):
+            entry, backing = self._current(block), self._current_backing(block)
+            if _in_slot(entry, slot) or _in_slot(backing, slot):
+                holders.append((block, entry, backing))
+        return holders
+
+    def _repoint(self, holder: tuple[int, Entry, Entry | None], slot: tuple[int, int],
+                 template: Entry) -> _Batch | None:
+        """Stage the holder's entry or clean copy in ``slot`` as ``template`` (with its
+        page checksum), if the block still has both; counts it as a compaction move."""
+        block, entry, backing = holder
+        if _in_slot(entry, slot):
+            new = (template._replace(checksum=entry.checksum), backing)
+        else:
+            new = (entry, template._replace(checksum=backing.checksum))
+        batch = self._stage_if(block, entry, new[0], expected_backing=backing, backing=new[1])
+        if batch is None:
+            self._races_lost += 1
+        else:
+            self._moves[TIER_NAMES[slot[0]], TIER_NAMES[template.tier], "compact"] += 1
+        return batch
+
+    async def _restore_alone(self, holder: tuple[int, Entry, Entry | None], slot: tuple[int, int],
+                             page: bytes, tier: Tier) -> int:
+        """Compaction of a payload with one live page: that page stored on its own."""
+        encoded = encode(page)
+        if not tier.has_room(len(encoded.payload)):
+            return 0
+        template = _stored_entry(tier, encoded, await tier.put(encoded.payload))
+        batch = self._repoint(holder, slot, template)
+        if batch is None:
+            tier.free(template.addr, template.length)
+            return 0
+        await self._settle([batch], fua=False)
+        return 1
 
     async def drop_backing(self, block: int, tier: int | None = None) -> bool:
         """Free the block's clean copy (only one on ``tier``, if given); False if it has none."""
@@ -714,7 +807,9 @@ class Store:
             group = decode_group(payload)
         except DecodeError as error:
             raise CorruptBlockError(f"block {block} on the {tier.name} tier: {error}") from None
-        if freed == self._groups_freed:
+        share = self._groups.get(_slot(entry))
+        if freed == self._groups_freed and share is not None:
+            share[3] = group.bitmap.bit_count()
             self._group_cache[_slot(entry)] = group
             if len(self._group_cache) > GROUP_CACHE_LIMIT:
                 self._group_cache.popitem(last=False)
@@ -857,13 +952,13 @@ class Store:
             except ValueError:
                 log.exception("tier slot of %r was already free", entry)
 
-    def _hold(self, entry: Entry | None) -> None:
-        """Count a new map reference to a grouped payload."""
+    def _hold(self, block: int, entry: Entry | None) -> None:
+        """Count a new map reference (of ``block``) to a grouped payload."""
         if entry is None or not entry.is_stored or not entry.flags & GROUPED:
             return
         share = self._groups.get(_slot(entry))
         if share is None:
-            share = self._groups[_slot(entry)] = [0, entry.length]
+            share = self._groups[_slot(entry)] = [0, entry.length, block >> GROUP_BITS, 0]
             self._grouped[entry.tier, "payloads"] += 1
             self._grouped[entry.tier, "bytes"] += entry.length
         share[0] += 1
@@ -878,8 +973,10 @@ class Store:
         share[0] -= count
         self._grouped[entry.tier, "refs"] -= count
         if share[0]:
+            self._sparse[_slot(entry)] = None
             return False
         del self._groups[_slot(entry)]
+        self._sparse.pop(_slot(entry), None)
         self._grouped[entry.tier, "payloads"] -= 1
         self._grouped[entry.tier, "bytes"] -= entry.length
         self._group_cache.pop(_slot(entry), None)
@@ -923,8 +1020,8 @@ class Store:
         for gone in (old, old_backing):  # a grouped payload's reference goes in any case
             if gone is not None and gone.is_stored and (gone.flags & GROUPED or _slot(gone) not in kept):
                 batch.replaced.append((block, gone))
-        self._hold(entry)
-        self._hold(backing)
+        self._hold(block, entry)
+        self._hold(block, backing)
         self._count(old, -1)
         self._count(entry, 1)
         return batch
@@ -1048,6 +1145,10 @@ class Store:
 
 def _slot(entry: Entry) -> tuple[int, int]:
     return entry.tier, entry.addr
+
+
+def _in_slot(entry: Entry | None, slot: tuple[int, int]) -> bool:
+    return entry is not None and entry.is_stored and _slot(entry) == slot
 
 
 def _same_data(entry: Entry, copy: Entry) -> bool:

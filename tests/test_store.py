@@ -302,6 +302,22 @@ class StoreMachine(RuleBasedStateMachine):
             if isinstance(result, BaseException):
                 raise result
 
+    @rule(block=st.integers(0, BLOCKS - 1), seed=st.integers(0, 2**16))
+    def compact_racing_write(self, block, seed):
+        """Compactions of every payload that lost pages while a block is rewritten."""
+        data = make_data("text", seed, BLOCK_SIZE)
+
+        async def together():
+            compactions = [self.store.compact(*slot) for slot in self.store.sparse_payloads()]
+            return await asyncio.gather(self.store.write(block * BLOCK_SIZE, data), *compactions,
+                                        return_exceptions=True)
+
+        results = self.run(together())
+        self.model[block * BLOCK_SIZE : (block + 1) * BLOCK_SIZE] = data
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, NoSpaceError):
+                raise result
+
     @rule(first=st.integers(0, SECTORS - 1), count=st.integers(1, 40))
     def read(self, first, count):
         offset, length = self._range(first, count)
@@ -1049,8 +1065,9 @@ async def test_restart_rebuilds_references_and_frees_nothing_still_referenced(st
     await store.close()
     store = open_store(state_dir, ram_max=0)
     assert disk_usage(store)[:2] == (2, 17)
-    assert store._groups == {slot: [refs, length] for slot, (refs, length) in
-                             zip(grouped_references(store), ([1, store.entry(15).length], [16, store.entry(16).length]))}
+    assert {slot: share[:3] for slot, share in store._groups.items()} == {
+        slot: share for slot, share in zip(grouped_references(store),
+                                           ([1, store.entry(15).length, 0], [16, store.entry(16).length, 1]))}
     fresh = make_data("random", 8, 16 * BLOCK_SIZE)
     await store.write(15 * BLOCK_SIZE, fresh[:BLOCK_SIZE])  # frees the first payload
     await store.write(0, fresh[BLOCK_SIZE:] + fresh[:BLOCK_SIZE])  # disk slots, maybe the freed one
@@ -1121,4 +1138,31 @@ async def test_a_failed_grouped_commit_frees_the_payload(state_dir, monkeypatch)
     assert store.stats()["tiers"] == before["tiers"] and store._groups == {}
     assert store.tier("disk").used_bytes == 0
     assert await store.read(0, len(data)) == data
+    await store.close()
+
+
+async def test_compaction_restores_live_pages_and_frees_the_sparse_payload(state_dir):
+    data = make_data("text", 21, 32 * BLOCK_SIZE)
+    store = await grouped_store(state_dir, data)
+    first, second = store.entry(0), store.entry(16)
+    assert await store.move(16, "ram", keep_source=True)  # a clean copy references the payload too
+    await store.trim(0, 7 * BLOCK_SIZE)  # 9 of 16 live: more than half
+    await store.trim(17 * BLOCK_SIZE, 14 * BLOCK_SIZE)  # 2 of 16 live (one as a clean copy)
+    assert sorted(store.sparse_payloads()) == sorted([(TIER_DISK, first.addr), (TIER_DISK, second.addr)])
+    assert list(store.sparse_payloads()) == []  # each is offered once per loss
+    assert await store.compact(TIER_DISK, first.addr) == 0
+    assert await store.compact(TIER_DISK, second.addr) == 2
+    assert store._map.get_backing(16).flags & GROUPED and store._map.get_backing(16).addr != second.addr
+    assert store.entry(31).addr == store._map.get_backing(16).addr
+    assert (TIER_DISK, second.addr) not in store._groups
+    assert store.move_stats()["moves"]["disk"]["disk"] == {"compact": 2}
+    expected = bytes(7 * BLOCK_SIZE) + data[7 * BLOCK_SIZE : 17 * BLOCK_SIZE] + bytes(14 * BLOCK_SIZE) + data[31 * BLOCK_SIZE :]
+    assert await store.read(0, len(data)) == expected
+    await store.trim(31 * BLOCK_SIZE, BLOCK_SIZE)
+    assert [await store.compact(*slot) for slot in store.sparse_payloads()] == [1]  # the last page alone
+    assert not store._map.get_backing(16).flags & GROUPED
+    assert await store.read(0, len(data)) == expected[: 31 * BLOCK_SIZE] + bytes(BLOCK_SIZE)
+    assert disk_usage(store)[:2] == (1, 9)
+    assert await store.drop_backing(16)
+    assert counted(store) == recount(store)  # which counts no clean copies
     await store.close()
