@@ -230,7 +230,7 @@ def _tier_families(tiers: dict[str, dict]) -> Iterator[Metric]:
 def _move_families(stats: dict) -> Iterator[Metric]:
     """The store's counters of moves and clean copies."""
     moves = CounterMetricFamily("nbdswap_moves", "Blocks moved between tiers, by reason "
-                                "(demote, promote, drain, manual)", labels=["from", "to", "reason"])
+                                "(demote, promote, drain, compact, manual)", labels=["from", "to", "reason"])
     for source, targets in stats["moves"].items():
         for target, reasons in targets.items():
             for reason, count in reasons.items():
