@@ -1,6 +1,7 @@
 """Storage tiers: one async interface, implemented by the RAM, disk and remote tiers.
 
-A tier stores opaque payloads of 1..4096 bytes and hands out integer addresses.  It
+A tier stores opaque payloads of 1..4096 bytes (the disk tier also grouped payloads of
+up to 32 KiB, see :mod:`nbdswap.tiers.slab`) and hands out integer addresses.  It
 knows nothing about blocks: the block map records which address holds which block, and
 at start-up the store replays the map into each tier with :meth:`Tier.mark_used`.
 """
