@@ -10,11 +10,14 @@ from nbdswap.codec import (
     PAGE_SIZE,
     RAW_THRESHOLD,
     ZERO_PAGE,
+    GROUP_PAYLOAD_LIMIT,
     DecodeError,
     PageKind,
     checksum,
+    decode_group,
     decode_payload,
     encode,
+    encode_group,
     same_filled_page,
 )
 
@@ -140,3 +143,29 @@ def test_round_trip(page):
         assert encoded.kind == PageKind.RAW or len(encoded.payload) <= RAW_THRESHOLD
         compressed = encoded.kind == PageKind.COMPRESSED
         assert decode_payload(encoded.payload, compressed, encoded.checksum) == page
+
+
+@given(st.dictionaries(st.integers(0, 15), st.integers(0, 2**16), min_size=1))
+def test_grouped_payloads_round_trip_each_slot(seeds):
+    pages = {slot: (random.Random(seed).choice([b"swap ", b"page ", b"\x00\x01"]) * PAGE_SIZE)[:PAGE_SIZE]
+             for slot, seed in seeds.items()}
+    group = decode_group(encode_group(pages))
+    for slot in range(16):
+        if slot in pages:
+            assert group.page(slot, checksum(pages[slot])) == pages[slot]
+        else:
+            with pytest.raises(DecodeError, match="no page"):
+                group.page(slot, 0)
+
+
+def test_grouped_payloads_refuse_what_does_not_decode_to_their_pages():
+    pages = {0: GOLDEN_PAGE, 5: GOLDEN_PAGE[::-1]}
+    payload = encode_group(pages)
+    assert encode_group({slot: random.Random(slot).randbytes(PAGE_SIZE) for slot in range(16)}) is None
+    assert len(payload) < GROUP_PAYLOAD_LIMIT
+    for damaged in (b"\x02" + payload[1:], payload[:1] + b"\x23\x00" + payload[3:], payload[:-3], payload[:2]):
+        with pytest.raises(DecodeError):
+            decode_group(damaged)
+    moved = decode_group(payload[:1] + b"\x41\x00" + payload[3:])  # slot 5's page claimed by slot 6
+    with pytest.raises(DecodeError, match="no page"):
+        moved.page(5, checksum(pages[5]))
