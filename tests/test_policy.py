@@ -361,7 +361,10 @@ class PolicyModel(RuleBasedStateMachine):
 
     @rule(block=blocks, tier=st.sampled_from(["ram", "disk"]), keep=st.booleans())
     def move(self, block, tier, keep):
-        self.run(self.store.move(block, tier, keep_source=keep))
+        try:
+            self.run(self.store.move(block, tier, keep_source=keep))
+        except NoSpaceError:
+            pass  # the target is full (a small disk tier has room for two spans of grouped payloads)
 
     @rule(steps=st.integers(1, 5))
     def step(self, steps):
