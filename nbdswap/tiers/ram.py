@@ -37,6 +37,7 @@ class RamTier(SlabTier):
     def __init__(self, arena: Arena, capacity: int) -> None:
         super().__init__(arena, capacity)
         self._mm = mmap.mmap(arena.fd, HEADER_SIZE + arena.size)
+        self._map_present_pages()
 
     @classmethod
     def open(cls, state_dir: Path, capacity: int, arena_id: str | None) -> RamTier | None:
@@ -59,12 +60,35 @@ class RamTier(SlabTier):
         """Nothing to do: shared memory is as durable as it gets (not across a reboot)."""
 
     def _reserve_slab(self, slab: int) -> None:
+        start = HEADER_SIZE + slab * SLAB_SIZE
         try:
-            os.posix_fallocate(self.arena.fd, HEADER_SIZE + slab * SLAB_SIZE, SLAB_SIZE)
+            os.posix_fallocate(self.arena.fd, start, SLAB_SIZE)
         except OSError as error:
             if error.errno in (errno.ENOSPC, errno.ENOMEM):
                 raise NoSpaceError(f"shared memory is full: {error.strerror}") from None
             raise
+        self._map_pages(start, start + SLAB_SIZE)
+
+    def _map_pages(self, start: int, stop: int) -> None:
+        """Fault the pages in through the mapping: under mlockall (the server) that
+        locks them.  A page of the file no mapping has touched is not locked; on a host
+        that swaps to this server it can be swapped out to the server itself, whose next
+        write into it would then wait for itself (seen in tests/test_vm_local.py)."""
+        _ = self._mm[start:stop:mmap.PAGESIZE]
+
+    def _map_present_pages(self) -> None:
+        """:meth:`_map_pages` for the pages the file already has (the header, and the
+        slabs of a restarted server); holes stay holes."""
+        fd, offset, end = self.arena.fd, 0, len(self._mm)
+        while offset < end:
+            try:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError as error:
+                if error.errno == errno.ENXIO:  # no data after offset
+                    return
+                raise
+            offset = min(os.lseek(fd, start, os.SEEK_HOLE), end)
+            self._map_pages(start, offset)
 
     def close(self) -> None:
         self._mm.close()
