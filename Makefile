@@ -11,11 +11,12 @@ DISK_MAX ?= 8G
 VM_DIR := build/vm
 
 # Debian packages: real NBD clients and servers for the tests, QEMU and a
-# busybox for the VM end-to-end tests, a C toolchain for their static memory hog,
+# busybox for the VM end-to-end tests, a C toolchain for their static memory hog
+# (binutils' strip for their images, e2fsprogs for the local guest's disk),
 # Redis for the remote tier, Prometheus (promtool) for the metrics, openssl for
 # TLS certificates, systemd for systemd-analyze.
 APT_PACKAGES := python3-venv libnbd-bin python3-libnbd qemu-utils nbdkit nbd-client fio \
-	qemu-system-x86 busybox-static cpio kmod iproute2 gcc libc6-dev \
+	qemu-system-x86 busybox-static cpio kmod iproute2 gcc libc6-dev binutils e2fsprogs \
 	redis-server redis-tools prometheus python3-yaml openssl systemd \
 	ca-certificates procps
 
@@ -51,7 +52,8 @@ deps:
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
-vm-image: deps
+# The venv too: the local guest runs nbdswap serve with the venv's dependencies.
+vm-image: deps venv
 	deploy/vm/build.sh $(VM_DIR)
 
 clean:

@@ -111,9 +111,15 @@ def nbdswap_status(state_dir: Path | str, timeout: float = 30) -> dict[str, Any]
 
 def ensure_images(vm_dir: Path = VM_DIR, variant: str = "") -> tuple[Path, Path]:
     """Build (or find up to date) the guest kernel and initramfs; variant "attach"
-    is the image whose guest runs `nbdswap attach` (e2e.client=attach)."""
-    subprocess.run([str(REPO / "deploy" / "vm" / "build.sh"), str(vm_dir)], check=True)
+    is the image whose guest runs `nbdswap attach` (e2e.client=attach), "local"
+    the one whose guest also runs `nbdswap serve` (e2e.client=local)."""
+    env = dict(os.environ)
+    if sys.prefix != sys.base_prefix:  # the local image takes its dependencies from this venv
+        env["NBDSWAP_VENV"] = sys.prefix
+    subprocess.run([str(REPO / "deploy" / "vm" / "build.sh"), str(vm_dir)], check=True, env=env)
     name = f"initramfs-{variant}.cpio.gz" if variant else "initramfs.cpio.gz"
+    if not (vm_dir / name).exists():
+        raise FileNotFoundError(f"deploy/vm/build.sh did not build {vm_dir / name} (see its output)")
     return vm_dir / "vmlinuz", vm_dir / name
 
 
@@ -285,7 +291,7 @@ class VmResult:
 
 
 def boot_vm(
-    ns: NetNS,
+    ns: NetNS | None,
     console_path: Path,
     *,
     kernel: Path,
@@ -296,8 +302,13 @@ def boot_vm(
     export: str = EXPORT,
     timeout: float = 900,
     extra_append: str = "",
+    network: bool = True,
+    disks: Sequence[Path] = (),
 ) -> VmResult:
-    """Boot the guest in ns (its server must be listening) and wait until it powers off."""
+    """Boot the guest in ns (its server must be listening) and wait until it powers off.
+
+    ns None: in this namespace (a guest without network). disks: raw image files,
+    the guest's /dev/vda, /dev/vdb, ... (virtio)."""
     append = f"console=ttyS0 panic=-1 e2e.port={port} e2e.export={export} e2e.hog={hog_mib}"
     if extra_append:
         append += f" {extra_append}"
@@ -305,13 +316,18 @@ def boot_vm(
         "qemu-system-x86_64", "-accel", "tcg", "-cpu", "qemu64",  # no KVM on these machines
         "-m", str(mem_mib), "-smp", "1", "-nographic", "-no-reboot",
         "-kernel", str(kernel), "-initrd", str(initrd), "-append", append,
-        # romfile= skips the iPXE option ROM: nothing boots from the network.
-        "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,romfile=",
     ]
+    if network:
+        # romfile= skips the iPXE option ROM: nothing boots from the network.
+        argv += ["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,romfile="]
+    else:
+        argv += ["-nic", "none"]
+    for disk in disks:
+        argv += ["-drive", f"file={disk},if=virtio,format=raw"]
     t0 = time.monotonic()
     with open(console_path, "wb") as console:
-        proc = subprocess.Popen(ns.argv(argv), stdin=subprocess.DEVNULL, stdout=console,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(argv if ns is None else ns.argv(argv), stdin=subprocess.DEVNULL,
+                                stdout=console, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         returncode: int | None = proc.wait(timeout)
     except subprocess.TimeoutExpired:

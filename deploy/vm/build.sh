@@ -6,6 +6,10 @@
 #                              deploy/guest/nbdtab (as /etc/nbdtab.template)
 #   OUTDIR/initramfs-attach.cpio.gz  the same plus Debian's python3 with just the
 #                              files `nbdswap attach` needs (tests/test_vm_attach.py)
+#   OUTDIR/initramfs-local.cpio.gz   the base image plus the project venv's python3
+#                              with what `nbdswap serve` and `nbdswap attach` need,
+#                              compiled dependencies included (tests/test_vm_local.py);
+#                              skipped, with a message, while the venv does not exist
 # Idempotent: each step is skipped while its outputs are newer than its inputs.
 # Needs root (dpkg -x, mknod) and Debian's apt for the kernel package.
 set -euo pipefail
@@ -23,10 +27,13 @@ flock "$lock"
 KERNEL_META=linux-image-cloud-amd64
 # Load order of the guest's insmod (there is no modules.dep); init repeats it.
 MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
-	failover net_failover virtio_net nbd)
+	virtio_blk failover net_failover virtio_net nbd)
 BUSYBOX=/bin/busybox   # from busybox-static
 REPO=$(cd "$HERE/../.." && pwd)
 GUEST_PYTHON=/usr/bin/python3   # Debian's: its standard library goes into the guest
+# The project's venv (`make venv`): the local image's server needs its compiled
+# dependencies, so it runs the venv's own interpreter, for which pip chose them.
+VENV=${NBDSWAP_VENV:-$REPO/.venv}
 NBD_CLIENT=$(command -v nbd-client || echo /usr/sbin/nbd-client)
 
 log() { echo "build.sh: $*" >&2; }
@@ -140,28 +147,39 @@ build_initramfs() {
 	mv "$out.new" "$out"
 }
 
-# A second cpio archive appended to the first: the kernel unpacks both, so the
-# attach image is the base image plus an interpreter and nbdswap's own files.
-build_attach_initramfs() {
-	local root=$TMP/attach out=$OUT/initramfs-attach.cpio.gz kind path lib
+# A second cpio archive appended to the first: the kernel unpacks both, so a
+# Python image is the base image plus an interpreter and nbdswap's own files.
+# build_python_initramfs OUTPUT MODE PYTHON [SITE_PACKAGES]: MODE is that of
+# python-closure.py (attach or serve); SITE_PACKAGES' files go to /opt/nbdswap/site.
+build_python_initramfs() {
+	local out=$1 mode=$2 python=$3 site=${4:-} root=$TMP/$2 kind path interpreter= lib
 	local -a listing sources libs inputs
-	mapfile -t listing < <(PYTHONPATH=$REPO "$GUEST_PYTHON" -S "$HERE/python-closure.py")
-	inputs=("$OUT/initramfs.cpio.gz" "$HERE/python-closure.py" "$HERE/build.sh" "$GUEST_PYTHON"
-		"$REPO"/nbdswap/*.py "$REPO"/nbdswap/*/*.py)
+	inputs=("$OUT/initramfs.cpio.gz" "$HERE/python-closure.py" "$HERE/build.sh" "$python"
+		"$REPO"/nbdswap/*.py "$REPO"/nbdswap/*/*.py ${site:+"$site"})
 	fresh "$out" "${inputs[@]}" && return
 	log "building ${out##*/}"
+	mapfile -t listing < <(PYTHONPATH=$REPO${site:+:$site} "$python" -S "$HERE/python-closure.py" "$mode")
+	((${#listing[@]})) || { log "python-closure.py $mode failed"; exit 1; }
 	for path in "${listing[@]}"; do
 		kind=${path%% *} path=${path#* }
-		if [[ $kind == pkg ]]; then
-			install -D -m 644 "$REPO/$path" "$root/opt/nbdswap/$path"
-		else
-			install -D "$path" "$root$path"
-			[[ $path == *.so || $path == */bin/* ]] && sources+=("$path")
-		fi
+		case $kind in
+		pkg) install -D -m 644 "$REPO/$path" "$root/opt/nbdswap/$path" ;;
+		site) install -D "$site/$path" "$root/opt/nbdswap/site/$path"
+			[[ $path == *.so ]] && { sources+=("$site/$path"); strip_elf "$root/opt/nbdswap/site/$path"; } ;;
+		*) install -D "$path" "$root$path"
+			[[ -n $interpreter ]] || interpreter=$path  # listed first
+			[[ $path == *.so || $path == */bin/* ]] && { sources+=("$path"); strip_elf "$root$path"; } ;;
+		esac
 	done
 	mapfile -t libs < <(for path in "${sources[@]}"; do libs_of "$path"; done | sort -u)
-	for lib in "${libs[@]}"; do install -D "$(readlink -f "$lib")" "$root$lib"; done
-	ln -s python3.11 "$root/usr/bin/python3"
+	for lib in "${libs[@]}"; do
+		install -D "$(readlink -f "$lib")" "$root$lib"
+		strip_elf "$root$lib"
+	done
+	if [[ $interpreter != /usr/bin/python3 ]]; then
+		mkdir -p "$root/usr/bin"
+		ln -sfn "$interpreter" "$root/usr/bin/python3"
+	fi
 	{ gzip -dc "$OUT/initramfs.cpio.gz"
 	  (cd "$root" && find . -print0 | LC_ALL=C sort -z |
 		cpio --null --create --format=newc --owner=0:0 --quiet)
@@ -169,8 +187,26 @@ build_attach_initramfs() {
 	mv "$out.new" "$out"
 }
 
+# Debug symbols cost guest memory (the image is unpacked into RAM) and nothing else.
+strip_elf() {
+	strip --strip-unneeded "$1" 2>/dev/null || true
+}
+
+build_local_initramfs() {
+	local out=$OUT/initramfs-local.cpio.gz python site
+	python=$VENV/bin/python3
+	if [[ ! -x $python ]]; then
+		log "no venv at $VENV (make venv): skipping ${out##*/}"
+		return
+	fi
+	python=$(readlink -f "$python")
+	site=$("$VENV/bin/python3" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+	build_python_initramfs "$out" serve "$python" "$site"
+}
+
 deb=$(kernel_deb)
 build_kernel "$deb"
 build_initramfs
-build_attach_initramfs
+build_python_initramfs "$OUT/initramfs-attach.cpio.gz" attach "$GUEST_PYTHON"
+build_local_initramfs
 log "ready: $OUT/vmlinuz $OUT/initramfs.cpio.gz"
