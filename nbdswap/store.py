@@ -837,14 +837,11 @@ class Store:
         encoded = encode(page)
         if encoded.kind <= PageKind.SAME_FILLED:  # or ZERO: no tier data
             return _unstored_entry(encoded)
-        payload = encoded.payload
-        for tier in self._placement_for(len(payload)):
-            if tier.has_room(len(payload)):
-                try:
-                    addr = await tier.put(payload)
-                except (NoSpaceError, TierUnavailableError):
-                    continue
-                return _stored_entry(tier, encoded, addr)
+        for tier in self._tiers_with_room(len(encoded.payload)):
+            try:
+                return _stored_entry(tier, encoded, await tier.put(encoded.payload))
+            except (NoSpaceError, TierUnavailableError):
+                continue
         raise NoSpaceError("every reachable tier is full")
 
     def _store_page_now(self, page: bytes) -> Entry:
@@ -852,15 +849,16 @@ class Store:
         encoded = encode(page)
         if encoded.kind <= PageKind.SAME_FILLED:  # or ZERO: no tier data
             return _unstored_entry(encoded)
-        payload = encoded.payload
-        for tier in self._placement_for(len(payload)):
-            if tier.has_room(len(payload)):
-                try:
-                    addr = tier.put_now(payload)
-                except NoSpaceError:
-                    continue
-                return _stored_entry(tier, encoded, addr)
+        for tier in self._tiers_with_room(len(encoded.payload)):
+            try:
+                return _stored_entry(tier, encoded, tier.put_now(encoded.payload))
+            except NoSpaceError:
+                continue
         raise NoSpaceError("every reachable tier is full")
+
+    def _tiers_with_room(self, length: int) -> Iterator[Tier]:
+        """The tiers a new payload of ``length`` bytes may go to that have room, in order."""
+        return (tier for tier in self._placement_for(length) if tier.has_room(length))
 
     def _placement_for(self, length: int) -> list[Tier]:
         """Tiers a new payload may go to, in order: draining tiers never; RAM last for
