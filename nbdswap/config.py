@@ -49,6 +49,22 @@ def _group_id(group: str | int | None) -> int | None:
         raise ConfigError(f"socket-group: no group named {group!r}") from None
 
 
+@dataclass(frozen=True)
+class RemoteSettings:
+    """How to reach and use the remote store (``--remote*`` options).
+
+    Here rather than in :mod:`~nbdswap.tiers.remote` so that :class:`ServeConfig` takes
+    its defaults from it without importing the Redis client."""
+
+    url: str
+    max_bytes: int = 16 << 30
+    pool: int = 16
+    timeout: float = 5.0
+    command_timeout: float = 1.0
+    retry_interval: float = 0.2
+    prefix: str = "nbdswap:"
+
+
 @dataclass
 class ServeConfig:
     """Everything ``nbdswap serve`` needs; file keys equal the long flag names."""
@@ -76,14 +92,14 @@ class ServeConfig:
     tls_key: Path | None = None
     tls_ca: Path | None = None
     tls_verify_peer: bool = False
-    # the remote tier (see tiers.remote.RemoteSettings); off without ``remote``
+    # the remote tier (see RemoteSettings); off without ``remote``
     remote: str | None = None
-    remote_max: int = 16 << 30
-    remote_pool: int = 16
-    remote_timeout: float = 5.0
-    remote_command_timeout: float = 1.0
-    remote_retry_interval: float = 0.2
-    remote_prefix: str = "nbdswap:"
+    remote_max: int = RemoteSettings.max_bytes
+    remote_pool: int = RemoteSettings.pool
+    remote_timeout: float = RemoteSettings.timeout
+    remote_command_timeout: float = RemoteSettings.command_timeout
+    remote_retry_interval: float = RemoteSettings.retry_interval
+    remote_prefix: str = RemoteSettings.prefix
     # the policy engine: a ``[policy]`` table, then ``--policy KEY=VALUE`` flags on top
     policy: dict = field(default_factory=dict)
     policy_set: list[str] = field(default_factory=list)
@@ -218,11 +234,9 @@ class ServeConfig:
         return PolicySettings(**self.policy)
 
     def remote_settings(self):
-        """The :class:`~nbdswap.tiers.remote.RemoteSettings`, or ``None`` without a remote tier."""
+        """The :class:`RemoteSettings`, or ``None`` without a remote tier."""
         if self.remote is None:
             return None
-        from .tiers.remote import RemoteSettings
-
         return RemoteSettings(
             url=self.remote, max_bytes=self.remote_max, pool=self.remote_pool,
             timeout=float(self.remote_timeout), command_timeout=float(self.remote_command_timeout),

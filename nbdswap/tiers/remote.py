@@ -39,7 +39,6 @@ import logging
 import struct
 from array import array
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 from redis import asyncio as aioredis
@@ -50,6 +49,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from ..blockmap import TIER_REMOTE
+from ..config import RemoteSettings
 from ..errors import CorruptBlockError, NoSpaceError, TierUnavailableError
 from . import Tier
 
@@ -68,19 +68,6 @@ MAX_PAYLOAD = 4096
 _HEADER = struct.Struct("<BHQ")  # format, payload length, key id
 _FORMAT = 1
 SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster", "redis+sentinel")
-
-
-@dataclass(frozen=True)
-class RemoteSettings:
-    """How to reach and use the remote store (``--remote*`` options)."""
-
-    url: str
-    max_bytes: int = 16 << 30
-    pool: int = 16
-    timeout: float = 5.0
-    command_timeout: float = 1.0
-    retry_interval: float = 0.2
-    prefix: str = "nbdswap:"
 
 
 def connect(settings: RemoteSettings) -> tuple[aioredis.Redis | RedisCluster, bool]:
