@@ -29,7 +29,6 @@ from pathlib import Path
 from .addresses import ListenAddress
 from .device import BlockDevice
 from .protocol import (
-    Command,
     Disconnect,
     Errno,
     ExportCatalog,
@@ -220,7 +219,7 @@ class NBDConnection(asyncio.Protocol):
             self._launch(self._deferred.popleft())
 
     def _launch(self, request: Request) -> None:
-        self._in_flight_bytes += _payload_size(request)
+        self._in_flight_bytes += request.payload_size
         self._pending += 1
         self.idle.clear()
         coroutine = self._device.submit(request, self._protocol, self._finished)
@@ -270,7 +269,7 @@ class NBDConnection(asyncio.Protocol):
         :meth:`_flush` hands the reply to the transport (whose own limit takes over
         then): reads answered at once would otherwise escape the budget."""
         self._pending -= 1
-        self._answered_bytes += _payload_size(request)
+        self._answered_bytes += request.payload_size
         if not self._pending:
             self.idle.set()
         self._schedule_flush()
@@ -411,14 +410,6 @@ class NBDServer:
             await server.wait_closed()
         for path in self._unix_paths:
             path.unlink(missing_ok=True)
-
-
-_DATA_COMMANDS = frozenset({Command.READ, Command.WRITE})
-
-
-def _payload_size(request: Request) -> int:
-    """Bytes a request holds while in flight: its write data or the data it reads."""
-    return request.length if request.command in _DATA_COMMANDS else 0
 
 
 def _unix_peer(sock) -> str:

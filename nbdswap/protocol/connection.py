@@ -167,6 +167,11 @@ class Request:
     def fua(self) -> bool:
         return bool(self.flags & _FUA)
 
+    @property
+    def payload_size(self) -> int:
+        """Bytes the request holds while in flight: its write data or the data it reads."""
+        return self.length if self.command in _DATA_COMMANDS else 0
+
     def __repr__(self) -> str:
         return (f"Request({self.command.name}, cookie={self.cookie:#x}, flags={self.flags:#x}, "
                 f"offset={self.offset}, length={self.length})")
