@@ -356,8 +356,8 @@ class Store:
     def write_now(self, offset: int, data: bytes) -> _Batch | None:
         """Stage a write of whole blocks without awaiting; returns the batch whose commit
         acknowledges it (see :meth:`when_committed`), or ``None`` when the write needs
-        :meth:`write` (partial blocks, or a remote tier that must be awaited)."""
-        if self._remote is not None or offset % BLOCK_SIZE or len(data) % BLOCK_SIZE:
+        :meth:`write` (partial blocks, or a page placed on a tier that must be awaited)."""
+        if offset % BLOCK_SIZE or len(data) % BLOCK_SIZE:
             return None
         data = data if isinstance(data, bytes) else bytes(data)
         first = offset // BLOCK_SIZE
@@ -368,11 +368,16 @@ class Store:
         entries = []
         try:
             for page in pages:
-                entries.append(self._store_page_now(page))
+                entry = self._store_page_now(page)
+                if entry is None:
+                    break
+                entries.append(entry)
         except BaseException:
-            for entry in entries:
-                self._discard(entry)
+            self._discard_all(entries)
             raise
+        if len(entries) < len(pages):
+            self._discard_all(entries)
+            return None
         batch = None
         for block, entry in enumerate(entries, first):
             self.heat[block] = HOT
@@ -844,17 +849,24 @@ class Store:
                 continue
         raise NoSpaceError("every reachable tier is full")
 
-    def _store_page_now(self, page: bytes) -> Entry:
-        """:meth:`_store_page` for local tiers only, whose puts need no awaiting."""
+    def _store_page_now(self, page: bytes) -> Entry | None:
+        """:meth:`_store_page` without awaiting, or ``None`` (nothing stored) when the
+        tier the page goes to must be awaited (the remote tier)."""
         encoded = encode(page)
         if encoded.kind <= PageKind.SAME_FILLED:  # or ZERO: no tier data
             return _unstored_entry(encoded)
         for tier in self._tiers_with_room(len(encoded.payload)):
             try:
-                return _stored_entry(tier, encoded, tier.put_now(encoded.payload))
+                addr = tier.put_now(encoded.payload)
             except NoSpaceError:
                 continue
+            return None if addr is None else _stored_entry(tier, encoded, addr)
         raise NoSpaceError("every reachable tier is full")
+
+    def _discard_all(self, entries: list[Entry]) -> None:
+        """Free the slots of entries that were never staged."""
+        for entry in entries:
+            self._discard(entry)
 
     def _tiers_with_room(self, length: int) -> Iterator[Tier]:
         """The tiers a new payload of ``length`` bytes may go to that have room, in order."""

@@ -64,6 +64,10 @@ class Tier(abc.ABC):
         """The payload if it can be had without waiting, else ``None`` (use :meth:`get`)."""
         return None
 
+    def put_now(self, data: bytes) -> int | None:
+        """:meth:`put` if it needs no waiting, else ``None`` and nothing stored (use :meth:`put`)."""
+        return None
+
     @abc.abstractmethod
     def free(self, addr: int, length: int) -> None:
         """Release the slot of a payload of ``length`` bytes at ``addr``."""
