@@ -7,7 +7,7 @@ Starts three servers on Unix sockets in a temporary directory:
 * ``nbdkit-malloc`` -- ``nbdkit memory 1G``,
 * ``nbdkit-zstd``   -- ``nbdkit memory 1G allocator=zstd`` (the same job as our RAM tier, in C),
 
-prefills each with compressible data, then runs ``fio --ioengine=nbd`` 4 KiB jobs
+prefills each (compressible data unless ``--prefill random``), then runs ``fio --ioengine=nbd`` 4 KiB jobs
 (randwrite/randread x QD1/QD32 x one/two connections), alternating between the servers
 for every job so that background load hits all of them alike.  For each run it records
 IOPS, p50/p99 completion latency and the server's CPU time per operation (utime+stime
@@ -184,9 +184,13 @@ def fio(server: Server, extra: list[str], timeout: float) -> dict:
     return json.loads(text[text.index("{"):])  # fio may print notes before the JSON
 
 
-def prefill(server: Server, span: str, timeout: float) -> None:
+def prefill(server: Server, span: str, data: str, timeout: float) -> None:
+    """Write the working set once: with the jobs' compressible buffers, or with fio's
+    default (random, incompressible) buffers.  nbdkit's zstd allocator recompresses the
+    whole 32 KiB page around every 4 KiB write, so its write rate depends on what the
+    page held before (about 5x slower over random data); nbdswap's does not."""
     fio(server, ["--name=prefill", "--rw=write", "--bs=64k", "--iodepth=8", f"--size={span}",
-                 *DATA_OPTS], timeout)
+                 *(DATA_OPTS if data == "compressible" else [])], timeout)
 
 
 def run_job(server: Server, job: Job, span: str, runtime: float) -> Result:
@@ -283,6 +287,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="repeat every job this many times, alternating servers; the table shows medians")
     p.add_argument("--size", default="1G", help="device size of every server (default 1G)")
     p.add_argument("--span", default="256M", help="working set: the region prefilled and accessed (default 256M)")
+    p.add_argument("--prefill", choices=("compressible", "random"), default="compressible",
+                   help="data of the prefill: the jobs' compressible buffers (default; like swapped memory) "
+                   "or fio's random buffers")
     p.add_argument("--ram-max", default="1G", help="nbdswap --ram-max (must hold the working set)")
     p.add_argument("--nbdswap-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for nbdswap serve (repeatable), e.g. --nbdswap-arg=--log-level=warning")
@@ -327,14 +334,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args, names, jobs, workdir, servers, table) -> int:
     print(f"# {machine()}", flush=True)
-    print(f"# runtime {args.runtime:g} s per job, span {args.span}, rounds {args.rounds}; "
+    print(f"# runtime {args.runtime:g} s per job, span {args.span}, {args.prefill} prefill, "
+          f"rounds {args.rounds}; "
           f"work dir {workdir}", flush=True)
     try:
         for name in names:
             servers[name].start()
         for name in names:
             t0 = time.monotonic()
-            prefill(servers[name], args.span, timeout=600)
+            prefill(servers[name], args.span, args.prefill, timeout=600)
             print(f"# prefilled {name} in {time.monotonic() - t0:.1f} s", flush=True)
         step = 0
         for _ in range(args.rounds):
