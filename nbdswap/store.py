@@ -45,7 +45,7 @@ Recency: :attr:`Store.heat` has one byte per block, set to :data:`HOT` on every 
 and write (one array store); the policy engine ages it (generalised CLOCK).
 
 Grouped payloads (:meth:`Store.move_group`): blocks of one aligned map group demoted to
-the disk tier together share one payload compressed as a whole
+a cold tier (disk or remote) together share one payload compressed as a whole
 (:func:`~nbdswap.codec.encode_group`); each of their entries, primary or clean copy,
 points at it with the ``GROUPED`` flag.  The store counts the references of each such
 payload in memory (rebuilt from the map at start-up) and frees its slot after the commit
@@ -127,8 +127,9 @@ LOCAL_TIERS = (RamTier, DiskTier)
 #: takes one off per pass, and demotes blocks it finds at zero.
 HOT = 3
 
-#: Tiers that take grouped payloads (the slab tier of large payloads, see tiers/slab.py).
-GROUPED_TIERS = frozenset({TIER_DISK})
+#: Tiers that take grouped payloads: the cold ones, where a read may cost a group's
+#: decode (the disk tier's slab allocator has spans for them, see tiers/slab.py).
+GROUPED_TIERS = frozenset({TIER_DISK, TIER_REMOTE})
 #: Decoded groups kept for reads of their other pages (at most 64 KiB each).
 GROUP_CACHE_LIMIT = 32
 #: A grouped payload whose referenced pages are at most this share of those it holds is

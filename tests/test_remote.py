@@ -10,7 +10,8 @@ import time
 import pytest
 from redis.crc import key_slot
 
-from nbdswap.blockmap import TIER_DISK, TIER_REMOTE
+from nbdswap.blockmap import GROUPED, TIER_DISK, TIER_REMOTE
+from nbdswap.codec import encode
 from nbdswap.config import ConfigError, ServeConfig
 from nbdswap.errors import CorruptBlockError, NoSpaceError, StateDirError, TierUnavailableError
 from nbdswap.store import BLOCK_SIZE, Store
@@ -170,6 +171,60 @@ async def test_placement_is_ram_then_disk_then_remote(state_dir, redis):
     assert tiers["remote"]["up"] and tiers["remote"]["stored_bytes"] == PAGES_PER_SLAB * BLOCK_SIZE
     assert len(redis.keys()) == PAGES_PER_SLAB
     assert await store.read(0, len(b"".join(data))) == b"".join(data)
+    await store.close()
+
+
+def compressible_pages(count: int, seed: int) -> list[bytes]:
+    """Pages that compress to about 270 bytes each and share 128 bytes with each other."""
+    rng = random.Random(seed)
+    common = rng.randbytes(128)
+    return [(common + rng.randbytes(128)) * 16 for _ in range(count)]
+
+
+def remote_group_stats(store: Store) -> tuple[int, int, int]:
+    remote = store.stats()["tiers"]["remote"]
+    return remote["grouped_payloads"], remote["grouped_blocks"], remote["blocks"]
+
+
+async def test_a_map_group_moved_to_remote_is_one_value_until_its_last_page_goes(state_dir, redis):
+    store = open_store(state_dir, redis.url, ram_max=MiB)
+    data = compressible_pages(16, 21)
+    await store.write(0, b"".join(data))
+    assert await store.move_group(range(16), "remote") == 16
+    entries = [store.entry(block) for block in range(16)]
+    assert {(entry.tier, entry.flags & GROUPED, entry.addr) for entry in entries} == {
+        (TIER_REMOTE, GROUPED, entries[0].addr)}
+    assert len(redis.keys()) == 1 and remote_group_stats(store) == (1, 16, 16)
+    assert store.tier("remote").stored_bytes < 0.6 * sum(len(encode(page).payload) for page in data)
+    store._group_cache.clear()
+    assert await store.read(0, 16 * BLOCK_SIZE) == b"".join(data)
+    await store.close()
+
+    store = open_store(state_dir, redis.url, ram_max=MiB)
+    await store._remote.wait_for_sweep()
+    assert len(redis.keys()) == 1 and remote_group_stats(store) == (1, 16, 16)
+    assert await store.read(0, 16 * BLOCK_SIZE) == b"".join(data)
+    new = compressible_pages(16, 22)
+    await store.write(0, b"".join(new[:15]))
+    await settled()
+    assert len(redis.keys()) == 1 and remote_group_stats(store) == (1, 1, 1)
+    await store.write(15 * BLOCK_SIZE, new[15])
+    await settled()
+    assert redis.keys() == [] and remote_group_stats(store) == (0, 0, 0)
+    assert await store.read(0, 16 * BLOCK_SIZE) == b"".join(new)
+    await store.close()
+
+
+async def test_a_grouped_disk_payload_moves_to_remote_as_one_value(state_dir, redis):
+    store = open_store(state_dir, redis.url, ram_max=MiB, disk_max=MiB)
+    data = compressible_pages(16, 23)
+    await store.write(0, b"".join(data))
+    await store.move_group(range(16), "disk")
+    assert store.stats()["tiers"]["disk"]["grouped_payloads"] == 1
+    assert await store.move_group(range(16), "remote") == 16
+    assert len(redis.keys()) == 1 and remote_group_stats(store) == (1, 16, 16)
+    assert store.stats()["tiers"]["disk"]["blocks"] == store.tier("disk").used_bytes == 0
+    assert await store.read(0, 16 * BLOCK_SIZE) == b"".join(data)
     await store.close()
 
 

@@ -11,7 +11,8 @@ servers share one Redis without collisions, and ``SEGMENT`` is the id without it
 :data:`SEGMENT_BITS` bits.  The braces are a Cluster hash tag: the keys of one segment
 live in one slot, so a batch of consecutive ids is one MSET even in a Cluster.
 
-Values.  A small header (format, payload length, key id) and the payload.  The header
+Values.  A small header (format, payload length, key id) and the payload: one page
+(at most 4 KiB) or a grouped payload of several (at most :data:`MAX_PAYLOAD`).  The header
 catches a value that is not the one the map expects; the block's checksum, kept in the
 map, catches damaged bytes (both read as EIO).
 
@@ -49,6 +50,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from ..blockmap import TIER_REMOTE
+from ..codec import GROUP_PAYLOAD_LIMIT
 from ..config import RemoteSettings
 from ..errors import CorruptBlockError, NoSpaceError, TierUnavailableError
 from . import Tier
@@ -63,7 +65,8 @@ SEGMENT_BITS = 10
 MAX_BATCH = 256
 #: Keys asked for per SCAN call during the orphan sweep.
 SCAN_COUNT = 1000
-MAX_PAYLOAD = 4096
+#: The largest value payload: a grouped payload (the store groups cold pages here too).
+MAX_PAYLOAD = GROUP_PAYLOAD_LIMIT
 
 _HEADER = struct.Struct("<BHQ")  # format, payload length, key id
 _FORMAT = 1
