@@ -344,13 +344,19 @@ class RemoteTier(Tier):
         self.up = True
         return result
 
+    async def _per_command(self, addrs: Iterable[int],
+                           command: Callable[[list[int]], Awaitable]) -> list[tuple[list[int], object]]:
+        """Run ``command`` on the addresses of each :meth:`_group` concurrently; its
+        addresses and its result or exception, per command."""
+        groups = self._group(addrs)
+        outcomes = await asyncio.gather(*(command(group) for group in groups), return_exceptions=True)
+        return list(zip(groups, outcomes))
+
     async def _send_puts(self, batch: list[tuple[int, bytes, asyncio.Future]]) -> None:
         values = {addr: (data, future) for addr, data, future in batch}
-        groups = self._group(values)
-        outcomes = await asyncio.gather(
-            *(self._command("mset", {self.key(addr): self._value(addr, values[addr][0]) for addr in group})
-              for group in groups), return_exceptions=True)
-        for group, outcome in zip(groups, outcomes):
+        outcomes = await self._per_command(values, lambda group: self._command(
+            "mset", {self.key(addr): self._value(addr, values[addr][0]) for addr in group}))
+        for group, outcome in outcomes:
             for addr in group:
                 future = values[addr][1]
                 if isinstance(outcome, BaseException):
@@ -367,12 +373,11 @@ class RemoteTier(Tier):
         return _HEADER.pack(_FORMAT, len(data), addr) + data
 
     async def _send_gets(self, batch: list[tuple[int, asyncio.Future]]) -> None:
-        groups = self._group(dict.fromkeys(addr for addr, _ in batch))
-        outcomes = await asyncio.gather(
-            *(self._command("mget", [self.key(addr) for addr in group]) for group in groups),
-            return_exceptions=True)
+        addrs = dict.fromkeys(addr for addr, _ in batch)
+        outcomes = await self._per_command(addrs, lambda group: self._command(
+            "mget", [self.key(addr) for addr in group]))
         values: dict[int, bytes | None | BaseException] = {}
-        for group, outcome in zip(groups, outcomes):
+        for group, outcome in outcomes:
             for index, addr in enumerate(group):
                 values[addr] = outcome if isinstance(outcome, BaseException) else outcome[index]
         for addr, future in batch:
@@ -385,11 +390,9 @@ class RemoteTier(Tier):
                 future.set_result(value)
 
     async def _send_deletes(self, addrs: list[int]) -> None:
-        groups = self._group(dict.fromkeys(addrs))
-        outcomes = await asyncio.gather(
-            *(self._command("delete", *(self.key(addr) for addr in group)) for group in groups),
-            return_exceptions=True)
-        for group, outcome in zip(groups, outcomes):
+        outcomes = await self._per_command(dict.fromkeys(addrs), lambda group: self._command(
+            "delete", *(self.key(addr) for addr in group)))
+        for group, outcome in outcomes:
             if isinstance(outcome, BaseException):
                 self._undelivered.extend(group)  # the probe sends them once Redis is back
 
