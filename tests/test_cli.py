@@ -1,5 +1,6 @@
 """The command line: listening addresses, config file, clear start-up errors, SIGTERM."""
 
+import json
 import signal
 import subprocess
 
@@ -107,6 +108,7 @@ def test_status_without_a_server_says_so(tmp_path):
 CHUNK_SCRIPT = "import random\ndef chunk(i): return random.Random(i).randbytes(32768) * 2\n"
 
 WRITER_SCRIPT = CHUNK_SCRIPT + """
+import json
 cookies = [h.aio_pwrite(chunk(i), i * 65536) for i in range(512)]
 print("queued", flush=True)
 try:
@@ -114,35 +116,42 @@ try:
         h.poll(-1)
 except nbd.Error:
     pass
-acknowledged = []
+answers = {}
 for i, cookie in enumerate(cookies):
     try:
         if h.aio_command_completed(cookie):
-            acknowledged.append(i)
-    except nbd.Error:
-        pass
-print(" ".join(map(str, acknowledged)))
+            answers[i] = "ok"
+    except nbd.Error as error:
+        answers[i] = errno.errorcode.get(error.errno, str(error.errno))
+print(json.dumps(answers))
 """
 
 
 def test_sigterm_finishes_in_flight_writes_then_exits(tmp_path):
+    """Every write the server took before SIGTERM is finished and acknowledged; one it
+    refuses after is answered ESHUTDOWN and, like one it never read (the client reports
+    ENOTCONN once the connection closes), leaves no trace."""
     sock = tmp_path / "s.sock"
     uri = f"nbd+unix:///swap?socket={sock}"
     process, _ = serve(tmp_path, "--size", "64M", "--ram-max", "8M", "--disk-max", "64M",
                        "--listen", f"unix://{sock}")
-    writer = subprocess.Popen(["nbdsh", "-u", uri, "-c", WRITER_SCRIPT], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, env={"PATH": "/usr/bin:/bin"})
+    writer = subprocess.Popen(["nbdsh", "-u", uri, "-c", "import errno", "-c", WRITER_SCRIPT],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={"PATH": "/usr/bin:/bin"})
     assert writer.stdout.readline().strip() == b"queued"
     assert stop(process) == 0
     out, err = writer.communicate(timeout=60)
-    acknowledged = [int(i) for i in out.split()]
+    answers = {int(i): answer for i, answer in json.loads(out).items()}
+    acknowledged = sorted(i for i, answer in answers.items() if answer == "ok")
     assert acknowledged, err.decode()
+    assert set(answers.values()) <= {"ok", "ESHUTDOWN", "ENOTCONN"}, answers
+    assert all(i > acknowledged[-1] for i, answer in answers.items() if answer != "ok")
     process, _ = serve(tmp_path, "--size", "64M", "--ram-max", "8M", "--disk-max", "64M",
                        "--listen", f"unix://{sock}")
     try:
         nbdsh(uri, CHUNK_SCRIPT + f"""
-for i in {acknowledged!r}:
-    assert h.pread(65536, i * 65536) == chunk(i), i
+acknowledged = set({acknowledged!r})
+for i in range(512):
+    assert h.pread(65536, i * 65536) == (chunk(i) if i in acknowledged else bytes(65536)), i
 """)
     finally:
         assert stop(process) == 0
