@@ -105,3 +105,9 @@ def test_fio_compare_help() -> None:
     text = run(str(BENCH / "fio_compare.py"), "--help", timeout=60)
     for option in ("--runtime", "--quick", "--vm"):
         assert option in text
+
+
+def test_swap_locality_help() -> None:
+    text = run(str(BENCH / "swap_locality.py"), "run", "--help", timeout=60)
+    for option in ("--workload", "--store", "--lru-gen"):
+        assert option in text
