@@ -17,9 +17,9 @@ copy, compare-and-swap the map entry and free the old slot), in rate-limited bat
 * **Drain**: every block leaves a tier that takes no new blocks until undrained; the
   state is in the block map, so a drain resumes after a restart.
 * **Incompressible pages** (stored size above ``incompressible_bytes``) skip RAM.
-* **Grouped demotion**: blocks demoted or drained into the disk tier go with the other
-  blocks of their map group that are on the same tier (and, for a demotion, cold: heat
-  zero) in one grouped payload (:meth:`Store.move_group`).  Those companions are moves
+* **Grouped demotion**: blocks demoted or drained into a cold tier (disk or remote) go
+  with the other blocks of their map group that are on the same tier (and, for a
+  demotion, cold: heat zero) in one grouped payload (:meth:`Store.move_group`).  Those companions are moves
   beyond the ``batch`` budget (at most 15 per block).
 * **Compaction**: grouped payloads that lost references are offered to
   :meth:`Store.compact`, which re-stores their live pages once half of them are dead;

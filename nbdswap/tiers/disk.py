@@ -24,7 +24,7 @@ DISK_FILE = "disk.dat"
 class DiskTier(SlabTier):
     name = "disk"
     tier_id = TIER_DISK
-    large_payloads = True  # grouped payloads (nbdswap.grouped)
+    large_payloads = True  # grouped payloads (nbdswap.codec.encode_group)
 
     def __init__(self, arena: Arena, capacity: int) -> None:
         super().__init__(arena, capacity)

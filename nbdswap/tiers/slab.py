@@ -13,7 +13,7 @@ An address is the byte offset of the slot in the tier's data area, so a slab and
 can be derived from it and from the payload's length (which determines its class).
 
 *Large* payloads (4097..32768 bytes: the disk tier's grouped payloads, see
-:mod:`nbdswap.grouped`) take *spans* of 16 aligned slabs (1 MiB) in classes of 256-byte
+:func:`nbdswap.codec.encode_group`) take *spans* of 16 aligned slabs (1 MiB) in classes of 256-byte
 granules, merged the same way.  In a 64 KiB slab a 10 KiB payload would waste about
 10 % (only 5 fit); a span fits 100 and wastes about 1 % (measured on three memory
 corpora: slot bytes 1.13 × payload bytes in 64 KiB slabs, 1.01 × in spans).  Only an
