@@ -13,9 +13,9 @@ A page is one of:
 The checksum covers the original page (xxh3-64 truncated to 32 bits), so it also
 catches corruption of compressed data that still decompresses.
 
-*Grouped* payloads (the cold blocks of the disk and remote tiers): pages of one aligned group of
-:data:`GROUP_PAGES` consecutive blocks compressed together, which stores 0.77-0.81x the
-bytes of per-page zstd on real memory (neighbouring pages share strings; random pages do
+*Grouped* payloads (the cold blocks of the disk and remote tiers): pages of one aligned
+group of :data:`GROUP_PAGES` consecutive blocks compressed together, which stores
+0.77-0.81x the bytes of per-page zstd on real memory (neighbouring pages share strings; random pages do
 not).  Such a payload is a header (format byte, 16-bit bitmap of the group slots it
 holds) and one magicless zstd frame of those pages concatenated in slot order.  Each
 block's map entry keeps its own page checksum.
