@@ -79,6 +79,10 @@ _FLAGS_MASK = 0x3F
 #: Formats 1 and 2 stored one 16-byte entry per block: tier, flags, length, checksum, addr.
 _OLD_ENTRY = struct.Struct("<BBHIQ")
 _BITMAP = struct.Struct("<H")
+_unpack_record = _RECORD.unpack_from
+#: Builds an :class:`Entry` from a tuple, skipping the Python-level ``__new__`` that
+#: NamedTuple generates (see :func:`_entry_in`).
+_new_tuple = tuple.__new__
 _KEY_BYTES = 8
 #: Database names: grouped entries and clean copies (format 3), per-block ones (1, 2).
 _GROUPS = b"groups"
@@ -265,12 +269,16 @@ class BlockMap:
     # --- entries ----------------------------------------------------------------
 
     def get(self, block: int) -> Entry | None:
-        group = self._reading().get(key(block >> GROUP_BITS), db=self._blocks)
+        # Every RAM read starts here, so :meth:`_reading` and :func:`key` are written
+        # out and the database is passed positionally (py-lmdb parses keyword arguments
+        # slowly: 470 ns against 200 ns a lookup, measured).
+        reader = self._reader if self._reader is not None else self._reading()
+        group = reader.get((block >> GROUP_BITS).to_bytes(_KEY_BYTES, "big"), None, self._blocks)
         return _entry_in(group, block & _SLOT_MASK)
 
     def get_backing(self, block: int) -> Entry | None:
         """The block's clean copy in a slower tier, if it has one."""
-        group = self._reading().get(key(block >> GROUP_BITS), db=self._backing)
+        group = self._reading().get(key(block >> GROUP_BITS), None, self._backing)
         return _entry_in(group, block & _SLOT_MASK)
 
     def _reading(self) -> lmdb.Transaction:
@@ -368,14 +376,22 @@ def _open_env(path: Path) -> lmdb.Environment:
 
 
 def _entry_in(group: bytes | None, slot: int) -> Entry | None:
-    """The entry of ``slot`` in a packed group value, if it has one."""
+    """The entry of ``slot`` in a packed group value, if it has one.
+
+    Every RAM read looks its block up here, so this is :meth:`Entry.unpack` written
+    out, with the bitmap read as two bytes: 0.53 µs instead of 0.89 µs (measured).
+    """
     if group is None:
         return None
-    bitmap = _BITMAP.unpack_from(group)[0]
+    bitmap = group[0] | group[1] << 8  # _BITMAP, little-endian
     if not bitmap >> slot & 1:
         return None
     index = (bitmap & ((1 << slot) - 1)).bit_count()
-    return Entry.unpack(group, _BITMAP.size + index * _RECORD.size)
+    head, length, checksum = _unpack_record(group, _BITMAP.size + index * _RECORD.size)
+    tier, flags, high = head & _TIER_MASK, head >> 2 & _FLAGS_MASK, head >> 8
+    if flags & SAME_FILLED:
+        return _new_tuple(Entry, (tier, flags, 0, 0, high << 48 | checksum << 16 | length))
+    return _new_tuple(Entry, (tier, flags, length, checksum, high))
 
 
 def _group_entries(group: bytes) -> Iterator[tuple[int, Entry]]:
