@@ -14,7 +14,7 @@ from time import perf_counter_ns
 from typing import TYPE_CHECKING, Callable, Coroutine
 
 from .errors import CorruptBlockError, NoSpaceError, StoreError
-from .metrics import LatencyHistogram
+from .metrics import RequestStats
 from .protocol import BASE_ALLOCATION_CONTEXT_ID, Command, CommandFlag, Errno, Export, Request
 
 if TYPE_CHECKING:
@@ -61,10 +61,8 @@ class BlockDevice:
             preferred_block_size=BLOCK_SIZE,
             maximum_payload=MAXIMUM_PAYLOAD,
         )
-        self.requests: Counter[str] = Counter()
-        self.request_bytes: Counter[str] = Counter()
+        self.stats = {name: RequestStats() for name in OPERATION_NAMES.values()}
         self.errors: Counter[tuple[str, str]] = Counter()
-        self.latency = {name: LatencyHistogram() for name in OPERATION_NAMES.values()}
         self.corrupt_block_errors = 0
 
     def submit(self, request: Request, connection: ServerConnection,
@@ -93,7 +91,7 @@ class BlockDevice:
             if data is None:
                 return self.execute(request, connection)
             connection.reply_read(request, data)
-        self._count("read", request.length, started)
+        self.stats["read"].record(request.length, perf_counter_ns() - started)
         done(request)
         return None
 
@@ -104,7 +102,7 @@ class BlockDevice:
             batch = self.store.write_now(request.offset, request.data)
         except Exception as error:  # noqa: BLE001 - every failure becomes an NBD error
             self._fail(request, connection, "write", error)
-            self._count("write", request.length, started)
+            self.stats["write"].record(request.length, perf_counter_ns() - started)
             done(request)
             return None
         if batch is None:
@@ -115,7 +113,7 @@ class BlockDevice:
                 connection.reply_ok(request)
             else:
                 self._fail(request, connection, "write", StoreError(error))
-            self._count("write", request.length, started)
+            self.stats["write"].record(request.length, perf_counter_ns() - started)
             done(request)
 
         self.store.when_committed(batch, committed)
@@ -129,12 +127,7 @@ class BlockDevice:
             await self._EXECUTORS[request.command](self, request, connection)
         except Exception as error:  # noqa: BLE001 - every failure becomes an NBD error
             self._fail(request, connection, operation, error)
-        self._count(operation, request.length, started)
-
-    def _count(self, operation: str, length: int, started: int) -> None:
-        self.requests[operation] += 1
-        self.request_bytes[operation] += length
-        self.latency[operation].observe(perf_counter_ns() - started)
+        self.stats[operation].record(request.length, perf_counter_ns() - started)
 
     def _fail(self, request: Request, connection: ServerConnection, operation: str,
               error: Exception) -> None:
@@ -213,9 +206,9 @@ class BlockDevice:
             errors.setdefault(operation, {})[errno] = count
         return {
             "export": {"name": self.export.name, "size": self.export.size},
-            "requests": {name: self.requests[name] for name in OPERATION_NAMES.values()},
-            "request_bytes": {name: self.request_bytes[name] for name in OPERATION_NAMES.values()},
+            "requests": {name: stats.requests for name, stats in self.stats.items()},
+            "request_bytes": {name: stats.bytes for name, stats in self.stats.items()},
             "errors": errors,
-            "request_seconds": {name: histogram.sum_ns / 1e9 for name, histogram in self.latency.items()},
+            "request_seconds": {name: stats.sum_ns / 1e9 for name, stats in self.stats.items()},
             "corrupt_block_errors": self.corrupt_block_errors,
         }

@@ -2,7 +2,7 @@
 
 ``--metrics HOST:PORT`` serves ``/metrics`` from a thread of its own.  Nothing is
 pushed into a metrics library on the request path except one latency observation
-per request (:class:`LatencyHistogram`: a bisect and two integer additions); every
+per request (:class:`RequestStats`: a bisect and four integer additions); every
 other value is read from the objects' own counters when Prometheus scrapes.  The
 scrape thread only copies plain dicts, lists and integers (each copy is atomic
 under the GIL) and calls :meth:`Store.stats`, which reads counters and LMDB's
@@ -100,16 +100,22 @@ MOVE_STATS = frozenset({"moves", "move_races_lost", "clean_copy_hits", "clean_co
 POLICY_STATS_TIMEOUT = 2.0
 
 
-class LatencyHistogram:
-    """Request durations in fixed buckets, cheap enough to record on every request."""
+class RequestStats:
+    """One operation's requests, bytes and durations (in fixed buckets), recorded with
+    one call per request (two Counters and a histogram of its own cost two calls and
+    four dict updates more: 4 % of a RAM read's instructions, measured)."""
 
-    __slots__ = ("counts", "sum_ns")
+    __slots__ = ("requests", "bytes", "counts", "sum_ns")
 
     def __init__(self) -> None:
+        self.requests = 0
+        self.bytes = 0
         self.counts = [0] * len(_BUCKET_LABELS)
         self.sum_ns = 0
 
-    def observe(self, nanoseconds: int) -> None:
+    def record(self, length: int, nanoseconds: int) -> None:
+        self.requests += 1
+        self.bytes += length
         self.counts[bisect_left(_BUCKET_BOUNDS_NS, nanoseconds)] += 1
         self.sum_ns += nanoseconds
 
@@ -178,11 +184,10 @@ class NbdswapCollector:
             "nbdswap_request_duration_seconds",
             "Time from the start of a request's execution until its reply is queued",
             labels=["op"])
-        counts, sizes = dict(device.requests), dict(device.request_bytes)
-        for op, histogram in device.latency.items():
-            requests.add_metric([op], counts.get(op, 0))
-            payload.add_metric([op], sizes.get(op, 0))
-            buckets, seconds = histogram.cumulative()
+        for op, stats in device.stats.items():
+            requests.add_metric([op], stats.requests)
+            payload.add_metric([op], stats.bytes)
+            buckets, seconds = stats.cumulative()
             latency.add_metric([op], buckets, seconds)
         yield from (requests, payload, latency, self._error_family())
         yield CounterMetricFamily(

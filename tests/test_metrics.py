@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from nbdswap import metrics
 from nbdswap.device import BlockDevice
 from nbdswap.errors import CorruptBlockError
-from nbdswap.metrics import LATENCY_BUCKETS_SECONDS, LatencyHistogram, NbdswapCollector
+from nbdswap.metrics import LATENCY_BUCKETS_SECONDS, NbdswapCollector, RequestStats
 from nbdswap.policy import Policy, PolicySettings
 from nbdswap.protocol import Command, Request
 from nbdswap.status_view import render_status
@@ -299,10 +299,11 @@ def test_policy_metrics_under_load(live):
 
 
 def test_latency_histogram_buckets_are_inclusive_upper_bounds():
-    histogram = LatencyHistogram()
+    stats = RequestStats()
     for nanoseconds in (1, 5_000, 5_001, 10**12):
-        histogram.observe(nanoseconds)
-    buckets, seconds = histogram.cumulative()
+        stats.record(4096, nanoseconds)
+    assert (stats.requests, stats.bytes) == (4, 4 * 4096)
+    buckets, seconds = stats.cumulative()
     assert buckets[0] == ("5e-06", 2) and buckets[1] == ("1e-05", 3)
     assert buckets[-1] == ("+Inf", 4) and buckets[-2][1] == 3
     assert seconds == pytest.approx(1000 + 10_002e-9)
