@@ -147,8 +147,12 @@ class NBDConnection(asyncio.Protocol):
         self._process()
 
     def _process(self) -> None:
-        while (event := self._protocol.next_event()) is not None:
-            self._handle_event(event)
+        next_event = self._protocol.next_event
+        while (event := next_event()) is not None:
+            if type(event) is Request:  # the common event, spared a call (measured)
+                self._start(event)
+            else:
+                self._handle_event(event)
         self._flush()
 
     def eof_received(self) -> bool:
@@ -219,15 +223,20 @@ class NBDConnection(asyncio.Protocol):
             self._launch(self._deferred.popleft())
 
     def _launch(self, request: Request) -> None:
+        """Start ``request``.  It only adds bytes in flight, so reading can only have
+        to pause, and only when over budget: :meth:`_update_reading` is called just
+        then, sparing every other request a call."""
         self._in_flight_bytes += request.payload_size
+        if not self._pending:
+            self.idle.clear()
         self._pending += 1
-        self.idle.clear()
         coroutine = self._device.submit(request, self._protocol, self._finished)
         if coroutine is not None:
             task = self._loop.create_task(coroutine)
             self._tasks[task] = request
             task.add_done_callback(self._task_done)
-        self._update_reading()
+        if self._in_flight_bytes > self._max_in_flight:
+            self._update_reading()
 
     # --- handshake: deadline and TLS ------------------------------------------------
 
@@ -272,16 +281,13 @@ class NBDConnection(asyncio.Protocol):
         self._answered_bytes += request.payload_size
         if not self._pending:
             self.idle.set()
-        self._schedule_flush()
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
         if self._closing:
             self._close_when_idle()
 
     # --- output and flow control ------------------------------------------------
-
-    def _schedule_flush(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
