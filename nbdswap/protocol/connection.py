@@ -51,6 +51,8 @@ _OPTION_REPLY_HEADER = struct.Struct(">QIII")
 _REQUEST_HEADER = struct.Struct(">IHHQQI")
 _SIMPLE_REPLY = struct.Struct(">IIQ")
 _STRUCTURED_HEADER = struct.Struct(">IHHQI")
+#: The header of an OFFSET_DATA chunk followed by its offset, packed in one call.
+_OFFSET_DATA_HEADER = struct.Struct(">IHHQIQ")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 
@@ -75,7 +77,7 @@ class TlsMode(enum.Enum):
 BASE_ALLOCATION_CONTEXT_ID = 1
 
 #: Command flags each command accepts (FUA only when advertised, DF only with
-#: structured replies; both are added in :meth:`ServerConnection._allowed_flags`).
+#: structured replies; both are added in :meth:`ServerConnection._allowed_command_flags`).
 #: Plain ints: IntFlag arithmetic runs Python code, too slow for every request.
 _COMMAND_FLAGS = {
     Command.READ: 0,
@@ -88,6 +90,7 @@ _COMMAND_FLAGS = {
 }
 _FUA = int(CommandFlag.FUA)
 _DF = int(CommandFlag.DF)
+_OFFSET_DATA = int(ReplyType.OFFSET_DATA)
 #: The Command member of each known command number (a dict lookup; ``Command(n)`` is slow).
 _COMMANDS = {int(command): command for command in Command}
 
@@ -150,9 +153,13 @@ class TransmissionStarted:
 
 
 class Request:
-    """A valid transmission-phase request (``data`` only for WRITE)."""
+    """A valid transmission-phase request (``data`` only for WRITE).
 
-    __slots__ = ("cookie", "command", "flags", "offset", "length", "data")
+    ``payload_size`` is the bytes the request holds while in flight: its write data
+    or the data it reads (set once here, as the server reads it twice per request).
+    """
+
+    __slots__ = ("cookie", "command", "flags", "offset", "length", "data", "payload_size")
 
     def __init__(self, cookie: int, command: Command, flags: int, offset: int,
                  length: int, data: bytes | None = None) -> None:
@@ -162,15 +169,11 @@ class Request:
         self.offset = offset
         self.length = length
         self.data = data
+        self.payload_size = length if command in _DATA_COMMANDS else 0
 
     @property
     def fua(self) -> bool:
         return bool(self.flags & _FUA)
-
-    @property
-    def payload_size(self) -> int:
-        """Bytes the request holds while in flight: its write data or the data it reads."""
-        return self.length if self.command in _DATA_COMMANDS else 0
 
     def __repr__(self) -> str:
         return (f"Request({self.command.name}, cookie={self.cookie:#x}, flags={self.flags:#x}, "
@@ -276,6 +279,7 @@ class ServerConnection:
         self._structured = False
         self._meta_export: str | None = None
         self._meta_contexts: tuple[int, ...] = ()
+        self._command_flags: dict[int, int] = {}
         self.export: Export | None = None
         self._out.append(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, SERVER_HANDSHAKE_FLAGS))
 
@@ -337,10 +341,9 @@ class ServerConnection:
 
     def reply_read(self, request: Request, data: bytes) -> None:
         if self._structured:
-            header = _STRUCTURED_HEADER.pack(
-                STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, ReplyType.OFFSET_DATA,
-                request.cookie, 8 + len(data))
-            self._out.append(header + struct.pack(">Q", request.offset))
+            self._out.append(_OFFSET_DATA_HEADER.pack(
+                STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, _OFFSET_DATA,
+                request.cookie, 8 + len(data), request.offset))
         else:
             self._out.append(_SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, request.cookie))
         self._out.append(data)
@@ -608,19 +611,29 @@ class ServerConnection:
         self._state = _State.TRANSMISSION
         contexts = self._meta_contexts if self._meta_export == export.name else ()
         self._meta_contexts = contexts
+        self._command_flags = self._allowed_command_flags()
         self._events.append(TransmissionStarted(export, self._structured, contexts))
+
+    def _allowed_command_flags(self) -> dict[int, int]:
+        """The flags each command accepts in this transmission phase (structured
+        replies cannot change during it)."""
+        allowed = {command: flags | _FUA for command, flags in _COMMAND_FLAGS.items()}
+        if self._structured:
+            allowed[_READ] |= _DF
+        return allowed
 
     # --- transmission -----------------------------------------------------------
 
     def _parse_request(self) -> bool:
-        if self._available() < _REQUEST_HEADER.size:
+        available = len(self._in) - self._pos  # _available(), spared a call per request
+        if available < _REQUEST_HEADER.size:
             return False
         magic, flags, command, cookie, offset, length = _REQUEST_HEADER.unpack_from(self._in, self._pos)
         if magic != REQUEST_MAGIC:
             self._close(f"bad request magic {magic:#x}")
             return False
         carries_payload = command == _WRITE and length <= self.export.maximum_payload
-        if carries_payload and self._available() < _REQUEST_HEADER.size + length:
+        if carries_payload and available < _REQUEST_HEADER.size + length:
             return False
         self._pos += _REQUEST_HEADER.size
         data = self._take(length) if carries_payload else None
@@ -636,18 +649,13 @@ class ServerConnection:
         self._events.append(Request(cookie, _COMMANDS[command], flags, offset, length, data))
         return True
 
-    def _allowed_flags(self, command: int) -> int:
-        allowed = _COMMAND_FLAGS[command] | _FUA
-        if command == _READ and self._structured:
-            allowed |= _DF
-        return allowed
-
     def _validate(self, command: int, flags: int, offset: int, length: int) -> tuple[Errno, str] | None:
         """Every rule a request must follow, one check and one error each."""
         export = self.export
-        if command not in _COMMAND_FLAGS:
+        allowed_flags = self._command_flags.get(command)
+        if allowed_flags is None:
             return Errno.EINVAL, f"unknown command {command}"
-        if flags & ~self._allowed_flags(command):
+        if flags & ~allowed_flags:
             return Errno.EINVAL, f"flags {flags:#x} not valid for {Command(command).name}"
         if export.read_only and command in _MODIFYING_COMMANDS:
             return Errno.EPERM, "the export is read-only"
