@@ -110,6 +110,27 @@ def _sources() -> list[str]:
     return sorted(out)
 
 
+def _source_steps(target_mib: float, name: str):
+    """``(step, round, path, text)`` of the data sources, round after round, until the
+    process holds ``target_mib``.  After each step the objects built so far leave the
+    collector's generations (gc.freeze: no full-heap scans); progress every 32 MiB."""
+    files = _sources()
+    step, report = 0, 32.0
+    while _footprint_mib() < target_mib:
+        path = files[step % len(files)]
+        try:
+            source = open(path, encoding="utf-8").read()
+        except (OSError, UnicodeDecodeError):
+            step += 1
+            continue
+        yield step, step // len(files), path, source
+        step += 1
+        gc.freeze()
+        if _footprint_mib() >= report:
+            print(f"SWAPLOC: {name} {_footprint_mib():.0f} MiB", flush=True)
+            report += 32
+
+
 def workload_objects(target_mib: float, name: str) -> list:
     """Program objects: ASTs, dataclasses, sqlite, counters, dicts of tuples."""
     import ast
@@ -137,17 +158,9 @@ def workload_objects(target_mib: float, name: str) -> list:
     keep.append(db)
     counts: collections.Counter = collections.Counter()
     keep.append(counts)
-    files = _sources()
-    step, report = 0, 32.0
-    while _footprint_mib() < target_mib:
-        path = files[step % len(files)]
-        try:
-            source = open(path, encoding="utf-8").read()
-        except (OSError, UnicodeDecodeError):
-            step += 1
-            continue
-        if step >= len(files):  # later rounds: renamed identifiers, so no identical copies
-            source = re.sub(r"\bself\b", f"self{step // len(files)}", source)
+    for step, round_, path, source in _source_steps(target_mib, name):
+        if round_:  # later rounds: renamed identifiers, so no identical copies
+            source = re.sub(r"\bself\b", f"self{round_}", source)
         try:
             keep.append(ast.parse(source, path))
         except SyntaxError:
@@ -170,11 +183,6 @@ def workload_objects(target_mib: float, name: str) -> list:
             counts.update(re.findall(r"\w+", source))
             keep.append({(path, i): (len(line), hash(line), line.strip()[:20])
                          for i, line in enumerate(source.splitlines())})
-        step += 1
-        gc.freeze()  # built objects leave the collector's generations: no full-heap scans
-        if _footprint_mib() >= report:
-            print(f"SWAPLOC: {name} {_footprint_mib():.0f} MiB", flush=True)
-            report += 32
     return keep
 
 
@@ -186,18 +194,10 @@ def workload_text(target_mib: float, name: str) -> list:
     keep: list = []
     index: dict[str, list] = {}
     keep.append(index)
-    files = _sources()
     users = [f"user{rng.randrange(10**6):06d}@example.{rng.choice(['com', 'org', 'net'])}" for _ in range(5000)]
     paths = ["/api/v1/orders", "/api/v1/users", "/static/app.js", "/login", "/search", "/api/v2/items"]
-    step, report = 0, 32.0
     t0 = 1700000000
-    while _footprint_mib() < target_mib:
-        path = files[step % len(files)]
-        try:
-            source = open(path, encoding="utf-8").read()
-        except (OSError, UnicodeDecodeError):
-            step += 1
-            continue
+    for step, _, path, source in _source_steps(target_mib, name):
         lines = [f"{step}:{i}: {line}" for i, line in enumerate(source.splitlines())]
         keep.append(lines)
         if step % 2 == 0:
@@ -218,11 +218,6 @@ def workload_text(target_mib: float, name: str) -> list:
                          for i in range(1500)])
         if step % 5 == 2:
             keep.append(bytearray(source.encode()) + f"\n# copy {step}\n".encode())
-        step += 1
-        gc.freeze()  # built objects leave the collector's generations: no full-heap scans
-        if _footprint_mib() >= report:
-            print(f"SWAPLOC: {name} {_footprint_mib():.0f} MiB", flush=True)
-            report += 32
     return keep
 
 
