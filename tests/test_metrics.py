@@ -291,7 +291,13 @@ def test_policy_metrics_under_load(live):
         assert ("nbdswap_policy_promotions_queued", frozenset()) in values
     assert sample(during, "nbdswap_tier_usage_ratio", tier="ram") > 0.3
     assert sample(after, "nbdswap_moves_total", **{"from": "ram", "to": "disk", "reason": "demote"}) > 0
-    assert sample(after, "nbdswap_tier_usage_ratio", tier="disk") > 0.9  # filled until ENOSPC
+    # Filled until ENOSPC: every slab of the disk is handed out, but for those of the
+    # failed last 1 MiB write, whose pages are freed again.  Slots stay free in the 1 MiB
+    # spans of grouped payloads, which single pages cannot use, so the usage ratio ends
+    # a little lower, depending on how many groups were demoted before the fill.
+    capacity = sample(after, "nbdswap_tier_capacity_bytes", tier="disk")
+    assert sample(after, "nbdswap_tier_slab_bytes", tier="disk") >= capacity - (2 << 20)
+    assert sample(after, "nbdswap_tier_usage_ratio", tier="disk") > 0.8
 
     def stalled() -> float:  # the full disk has no tier below it
         return sample(samples(live.metrics()), "nbdswap_policy_demotions_stalled_total", tier="disk")
