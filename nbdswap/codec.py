@@ -137,7 +137,7 @@ def decode_payload(payload: bytes, compressed: bool, expected_checksum: int) -> 
         page = payload
     if len(page) != PAGE_SIZE:
         raise DecodeError(f"payload decodes to {len(page)} bytes")
-    if _xxh3(page) & CHECKSUM_MASK != expected_checksum:  # checksum(), spared a call
+    if checksum(page) != expected_checksum:
         raise DecodeError("checksum mismatch")
     return page
 
