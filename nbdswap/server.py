@@ -180,9 +180,8 @@ class NBDConnection(asyncio.Protocol):
     # --- events ------------------------------------------------------------------
 
     def _handle_event(self, event) -> None:
-        if isinstance(event, Request):
-            self._start(event)
-        elif isinstance(event, RequestRejected):
+        """Every event but a :class:`Request`, which :meth:`_process` starts itself."""
+        if isinstance(event, RequestRejected):
             self._device.count_rejected(event.command, event.error)
             log.info("%s: rejected %s request: %s", self._peer, event.command, event.reason)
         elif isinstance(event, TransmissionStarted):
