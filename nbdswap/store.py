@@ -127,9 +127,10 @@ LOCAL_TIERS = (RamTier, DiskTier)
 #: takes one off per pass, and demotes blocks it finds at zero.
 HOT = 3
 
-#: Tiers that take grouped payloads: the cold ones, where a read may cost a group's
-#: decode (the disk tier's slab allocator has spans for them, see tiers/slab.py).
-GROUPED_TIERS = frozenset({TIER_DISK, TIER_REMOTE})
+#: Tiers that take grouped payloads (their slab allocators have spans for them, see
+#: tiers/slab.py): the cold ones, and RAM for pages idle long enough that a read may
+#: cost a group's decode (see nbdswap.policy).
+GROUPED_TIERS = frozenset({TIER_RAM, TIER_DISK, TIER_REMOTE})
 #: Decoded groups kept for reads of their other pages (at most 64 KiB each).
 GROUP_CACHE_LIMIT = 32
 #: A grouped payload whose referenced pages are at most this share of those it holds is
@@ -485,7 +486,8 @@ class Store:
         Blocks that cannot share the payload (unstored, already there, with a clean copy
         there) move one by one with :meth:`move`; so do all when fewer than two would
         share it, it would exceed the codec's limit, or the tier has no room for it.
-        Each block's entry is compare-and-swapped as in :meth:`move`.
+        Each block's entry is compare-and-swapped as in :meth:`move`.  Pages stored one
+        by one on ``to_tier`` itself join the payload too: that groups them in place.
         """
         target = self._tier_named(to_tier)
         blocks = list(blocks)
@@ -507,8 +509,10 @@ class Store:
     def _may_join(self, block: int, target: Tier) -> bool:
         """Whether the block's data would go into a grouped payload on ``target``."""
         entry, backing = self._current(block), self._current_backing(block)
-        if entry is None or not entry.is_stored or entry.tier == target.tier_id or entry.tier not in self._tiers:
+        if entry is None or not entry.is_stored or entry.tier not in self._tiers:
             return False
+        if entry.tier == target.tier_id:
+            return not entry.flags & GROUPED
         return backing is None or backing.tier != target.tier_id or not _same_data(entry, backing)
 
     async def _pages_of(self, blocks: list[int]) -> dict[int, tuple[Entry, Entry | None, bytes]]:

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from nbdswap.blockmap import TIER_DISK, TIER_RAM
+from nbdswap.blockmap import GROUPED, TIER_DISK, TIER_RAM
 from nbdswap.config import ConfigError, ServeConfig
 from nbdswap.errors import NoSpaceError
 from nbdswap.policy import Policy, PolicyError, PolicySettings, free_on_read_threshold
@@ -221,6 +221,48 @@ async def test_cold_neighbours_are_demoted_in_one_grouped_payload(state_dir):
     await store.close()
 
 
+async def test_idle_ram_pages_are_grouped_in_place(state_dir):
+    store = open_store(state_dir, ram_max=64 * SLAB_SIZE)
+    policy = Policy(store, PolicySettings(batch=32, moves_per_second=10 ** 6, group_idle_ram=False))
+    data = b"".join(page(seed) for seed in range(48))
+    await store.write(0, data)
+    single = store.stats()["tiers"]["ram"]
+    store.heat[:] = bytes(len(store.heat))
+    store.heat[20] = store.heat[21] = 3  # read lately: they stay pages of their own
+    await policy.step()
+    assert store.move_stats()["moves"] == {}  # switched off
+    policy.set("group_idle_ram", "on")
+    await run_until(policy, lambda: store.stats()["tiers"]["ram"].get("grouped_blocks") == 46)
+    ram = store.stats()["tiers"]["ram"]
+    assert (ram["grouped_payloads"], ram["blocks"]) == (3, 48)
+    assert ram["stored_bytes"] < 0.9 * single["stored_bytes"]
+    assert store.move_stats()["moves"] == {"ram": {"ram": {"regroup": 46}}}
+    assert all(tier_of(store, block) == TIER_RAM for block in range(48))
+    assert not store.entry(20).flags & GROUPED and store.entry(19).flags & GROUPED
+    assert await store.read(0, len(data)) == data
+    await store.close()
+
+    store = open_store(state_dir, ram_max=64 * SLAB_SIZE)  # the shared-memory arena kept them
+    assert store.stats()["tiers"]["ram"]["grouped_blocks"] == 46
+    assert await store.read(0, len(data)) == data
+    await store.write(0, page(99))  # a rewrite leaves its group; the group stays for the others
+    assert await store.read(0, BLOCK_SIZE) == page(99)
+    assert await store.read(BLOCK_SIZE, len(data) - BLOCK_SIZE) == data[BLOCK_SIZE:]
+    assert store.stats()["tiers"]["ram"]["grouped_blocks"] == 45
+    await store.close()
+
+
+async def test_ram_is_not_grouped_while_it_is_demoted(state_dir):
+    store = open_store(state_dir, ram_max=8 * SLAB_SIZE)
+    policy = Policy(store, PolicySettings(ram_high=0.3, ram_low=0.2, batch=8, moves_per_second=10 ** 6))
+    await store.write(0, b"".join(page(seed, "random") for seed in range(64)))
+    store.heat[:] = bytes(len(store.heat))
+    await run_until(policy, lambda: policy._usage("ram") < 0.2)
+    moves = store.move_stats()["moves"]
+    assert moves["ram"]["disk"]["demote"] > 0 and "ram" not in moves["ram"]
+    await store.close()
+
+
 async def test_promotion_rules(state_dir):
     store = open_store(state_dir)
     policy = Policy(store, PolicySettings(promote="second", moves_per_second=100000))
@@ -321,7 +363,7 @@ class PolicyModel(RuleBasedStateMachine):
         self._open()
 
     def _open(self):
-        self.store = Store.open(self.state_dir, size=64 * BLOCK_SIZE, ram_max=2 * SLAB_SIZE,
+        self.store = Store.open(self.state_dir, size=64 * BLOCK_SIZE, ram_max=4 * SLAB_SIZE,
                                 disk_max=32 * SLAB_SIZE)
         self.policy = Policy(self.store, self.settings)
 
@@ -380,6 +422,15 @@ class PolicyModel(RuleBasedStateMachine):
         for _ in range(steps):
             self.run(self.policy.step())
 
+    @rule(steps=st.integers(1, 10))
+    def idle_grouping(self, steps):
+        """Every block cold and RAM below its watermarks: the CLOCK groups idle RAM pages in place."""
+        self.store.heat[:] = bytes(len(self.store.heat))
+        self.policy.set("ram_high", 1.0)
+        self.policy.set("ram_low", 0.99)
+        for _ in range(steps):
+            self.run(self.policy.step())
+
     @rule(tier=st.sampled_from(["ram", "disk"]))
     def drain(self, tier):
         try:
@@ -410,7 +461,7 @@ class PolicyModel(RuleBasedStateMachine):
             tiers = self.store.stats()["tiers"]
             assert tiers["ram"]["blocks"] + tiers["disk"]["blocks"] == stored + backings
             assert {slot: share[0] for slot, share in self.store._groups.items()} == grouped_references(self.store)
-            self.grouped = max(self.grouped, tiers["disk"]["grouped_payloads"])
+            self.grouped = max(self.grouped, tiers["disk"]["grouped_payloads"] + tiers["ram"]["grouped_payloads"])
 
     def teardown(self):
         for block in range(64):

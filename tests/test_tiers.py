@@ -277,7 +277,7 @@ async def test_full_tier_raises_no_space(tier_class, state_dir):
 async def test_mark_used_beyond_the_arena_is_refused(tier_class, state_dir):
     tier = tier_class.open(state_dir, SLAB_SIZE, None)
     with pytest.raises(ValueError):
-        tier.mark_used(SLAB_SIZE, 64)
+        tier.mark_used(tier.arena.size, 64)
     tier.close()
 
 
@@ -430,3 +430,37 @@ def test_large_payloads_take_spans_of_slabs_and_waste_little():
     allocator.free(addrs[1], 10_000)
     allocator.free(addrs[2], 10_000)
     assert sorted(released) == list(range(addrs[1] // SLAB_SIZE, addrs[1] // SLAB_SIZE + 16))
+
+
+async def test_ram_spans_cost_the_memory_of_what_they_hold(state_dir):
+    """Grouped payloads in RAM take 1 MiB spans of addresses, but memory only for the
+    64 KiB slabs written; the capacity bounds that memory, and a restart counts it."""
+    tier = RamTier.open(state_dir, 8 * SLAB_SIZE, None)
+    rng = random.Random(7)
+    payloads = [rng.randbytes(10_000) for _ in range(3)]
+    addrs = [await tier.put(payload) for payload in payloads]
+    assert tier.capacity_bytes == 8 * SLAB_SIZE
+    assert tier.stats()["slab_bytes"] == SLAB_SIZE  # three 10 KiB slots of a fresh span
+    assert os.stat(arena_path(state_dir)).st_blocks * 512 <= HEADER_SIZE + SLAB_SIZE
+    while tier.has_room(10_000):
+        payloads.append(rng.randbytes(10_000))
+        addrs.append(await tier.put(payloads[-1]))
+    assert tier.used_bytes <= tier.stats()["slab_bytes"] <= tier.capacity_bytes
+    assert tier.stats()["slab_bytes"] >= tier.capacity_bytes - 2 * SLAB_SIZE
+    small = await tier.put(b"a single page")  # a 64 KiB slab of its own still fits
+    arena_id, reserved = tier.arena_id, tier.stats()["slab_bytes"]
+    tier.close()
+
+    tier = RamTier.open(state_dir, 8 * SLAB_SIZE, arena_id)
+    for addr, payload in zip(addrs, payloads):
+        tier.mark_used(addr, len(payload))
+        assert await tier.get(addr, len(payload)) == payload
+    tier.mark_used(small, 13)
+    assert tier.stats()["slab_bytes"] == reserved
+    assert not tier.has_room(10_000)
+    for addr, payload in zip(addrs, payloads):
+        tier.free(addr, len(payload))
+    tier.free(small, 13)
+    assert tier.stats()["slab_bytes"] == 0
+    assert os.stat(arena_path(state_dir)).st_blocks * 512 <= HEADER_SIZE
+    tier.close()

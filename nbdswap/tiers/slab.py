@@ -81,7 +81,8 @@ def _large_classes() -> tuple[list[int], list[int]]:
 
 _CLASS_OF = _merged_classes()
 _LARGE_SIZES, _LARGE_CLASS_OF = _large_classes()
-LAST_CLASS = CLASS_COUNT + len(_LARGE_SIZES)
+LARGE_CLASS_COUNT = len(_LARGE_SIZES)
+LAST_CLASS = CLASS_COUNT + LARGE_CLASS_COUNT
 
 
 def size_class(length: int, large: bool = False) -> int:
@@ -97,6 +98,11 @@ def size_class(length: int, large: bool = False) -> int:
 def slot_bytes(cls: int) -> int:
     """The slot size of a class."""
     return cls * GRANULE if cls <= CLASS_COUNT else _LARGE_SIZES[cls - CLASS_COUNT - 1]
+
+
+def slot_size(length: int, large: bool = False) -> int:
+    """The slot size a payload of ``length`` bytes takes."""
+    return slot_bytes(size_class(length, large))
 
 
 def slab_slabs(cls: int) -> int:
@@ -171,6 +177,10 @@ class SlabAllocator:
     def has_room(self, length: int) -> bool:
         cls = size_class(length, self.large)
         return any(self._partial[cls]) or self._find_free_slab(slab_slabs(cls)) >= 0
+
+    def has_partial(self, length: int) -> bool:
+        """Whether a slab already in use has a free slot for a payload of ``length``."""
+        return any(self._partial[size_class(length, self.large)])
 
     def alloc(self, length: int) -> int:
         """Reserve a slot for a payload of ``length`` bytes and return its address."""
