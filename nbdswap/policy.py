@@ -26,6 +26,9 @@ copy, compare-and-swap the map entry and free the old slot), in rate-limited bat
   are compressed in place with the other cold ones of their map group (the
   ``regroup`` moves), as zram recompresses idle pages.  About a fifth less memory for
   pages that sat unread for several passes; a read of one then decodes its group.
+  The same hand moves single payloads out of RAM's sparse slabs into fuller ones of
+  their size class (``repack``, as zsmalloc compacts), so those slabs empty and their
+  memory goes back to the system.
 * **Compaction**: grouped payloads that lost references are offered to
   :meth:`Store.compact`, which re-stores their live pages once half of them are dead;
   up to :data:`COMPACTIONS_PER_BATCH` per batch.
@@ -42,7 +45,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, fields
 
-from .blockmap import GROUP_BITS, GROUP_SIZE, GROUPED, TIER_NAMES, TIER_RAM, Entry
+from .blockmap import COMPRESSED, GROUP_BITS, GROUP_SIZE, GROUPED, TIER_NAMES, TIER_RAM, Entry
 from .errors import NoSpaceError, StoreError, TierUnavailableError
 from .store import BLOCK_SIZE, GROUPED_TIERS, Store
 
@@ -324,12 +327,24 @@ class Policy:
                 jobs.append((item, self._do(*item)))
         taken = {item[0] for item in work}
         for (group, target, reason, tier), blocks in groups.items():
-            blocks += self._companions(group, tier, taken, cold_only=reason != "drain",
-                                       single_only=reason == "regroup")
-            if reason == "regroup" and len(blocks) < 2:
-                continue  # a lone idle page has nothing to be grouped with
-            jobs.append(((min(blocks), target, reason, tier), self.store.move_group(sorted(blocks), target, reason)))
+            if reason != "regroup":
+                blocks += self._companions(group, tier, taken, cold_only=reason == "demote")
+                jobs.append(((min(blocks), target, reason, tier),
+                             self.store.move_group(sorted(blocks), target, reason)))
+                continue
+            blocks += self._companions(group, tier, taken, cold_only=True, regroup=True)
+            if len(blocks) >= 2 or self._in_sparse_slab(blocks[0]):  # else a lone page, left as it is
+                jobs.append(((min(blocks), target, reason, tier), self._regroup(sorted(blocks), target)))
         return jobs
+
+    async def _regroup(self, blocks: list[int], target: str) -> int:
+        """Group idle RAM pages in place; those left alone (the group would not fit one
+        payload, or had one page) are repacked if they lie in a sparse slab."""
+        moved = await self.store.move_group(blocks, target, "regroup")
+        for block in blocks:
+            if self._in_sparse_slab(block):
+                moved += await self.store.repack(block)
+        return moved
 
     def _compaction_jobs(self) -> list[tuple[tuple, Awaitable]]:
         """Compactions of grouped payloads that lost references (see :meth:`Store.compact`)."""
@@ -339,10 +354,16 @@ class Policy:
             jobs.append(((addr, name, "compact", name), self.store.compact(tier_id, addr)))
         return jobs
 
+    def _in_sparse_slab(self, block: int) -> bool:
+        """Whether the block is a single payload in a sparse slab of RAM."""
+        entry = self.store.entry(block)
+        return entry is not None and entry.is_stored and entry.tier == TIER_RAM and not entry.flags & GROUPED \
+            and self.store.tier("ram").in_sparse_slab(entry.addr, entry.length)
+
     def _companions(self, group: int, tier: str, taken: set[int], *, cold_only: bool,
-                    single_only: bool = False) -> list[int]:
-        """The other blocks of a map group stored on ``tier`` (only cold ones, only
-        those not in a grouped payload yet, if asked)."""
+                    regroup: bool = False) -> list[int]:
+        """The other blocks of a map group stored on ``tier`` (only cold ones if asked;
+        for a regroup only compressed pages stored on their own)."""
         tier_id, heat = self.store.tier(tier).tier_id, self.store.heat
         first = group << GROUP_BITS
         companions = []
@@ -351,7 +372,7 @@ class Policy:
                 continue
             entry = self.store.entry(block)
             if entry is not None and entry.is_stored and entry.tier == tier_id \
-                    and not (single_only and entry.flags & GROUPED):
+                    and not (regroup and not _groupable(entry)):
                 companions.append(block)
         return companions
 
@@ -369,6 +390,8 @@ class Policy:
         self._tokens -= batch
 
     async def _do(self, block: int, target: str | None, reason: str, tier: str) -> bool:
+        if reason == "repack":
+            return await self.store.repack(block)
         if target is None:
             return await self.store.drop_backing(block, self.store.tier(tier).tier_id)
         keep = reason == "promote" and not self._frees_on_read(tier)
@@ -394,7 +417,7 @@ class Policy:
             if self._over_watermark(tier):
                 self._add(work, self._demotion_work(tier), limit)
         if self._groups_idle_ram():
-            self._add(work, self._regroup_work(), limit)
+            self._add(work, self._idle_ram_work(), limit)
         return list(work.values())
 
     @staticmethod
@@ -459,11 +482,20 @@ class Policy:
         return self.settings.group_idle_ram and "ram" in self.store.tier_names() \
             and "ram" not in self._demoting and TIER_RAM not in self.store.draining
 
-    def _regroup_work(self) -> Iterator[tuple]:
-        """Cold RAM blocks stored one by one (the CLOCK hand of the demotions goes on)."""
-        for block, entry in self._scan("ram", "demote", clock=True):
-            if entry is not None and not entry.flags & GROUPED:
+    def _idle_ram_work(self) -> Iterator[tuple]:
+        """The CLOCK hand of RAM's demotions goes on: cold compressed pages stored on
+        their own are grouped; other single payloads in sparse slabs are repacked."""
+        ram, heat = self.store.tier("ram"), self.store.heat
+        for block, entry in self._walk("demote:ram", self.store.primaries):
+            if entry.tier != TIER_RAM or entry.flags & GROUPED:
+                continue
+            if not heat[block] and _groupable(entry):
                 yield block, "ram", "regroup", "ram"
+                continue
+            if heat[block]:
+                heat[block] -= 1
+            if ram.in_sparse_slab(entry.addr, entry.length):
+                yield block, "ram", "repack", "ram"
 
     def _with_room(self, names: list[str], length: int) -> str | None:
         return next((name for name in names if self.store.tier(name).has_room(length)), None)
@@ -577,6 +609,12 @@ class Policy:
             "policy_show": lambda _request: {"settings": self.settings.as_dict()},
             "policy_set": lambda request: {"settings": self.set(request["key"], request["value"])},
         }
+
+
+def _groupable(entry: Entry) -> bool:
+    """Whether a RAM page may be grouped in place: compressed (an incompressible page
+    gains nothing in a group) and stored on its own."""
+    return entry.flags & (COMPRESSED | GROUPED) == COMPRESSED
 
 
 def _moved_length(entry: Entry) -> int:

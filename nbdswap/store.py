@@ -105,6 +105,7 @@ from .errors import CorruptBlockError, NoSpaceError, StateDirError, StoreError, 
 from .tiers import Tier
 from .tiers.disk import DISK_FILE, DiskTier
 from .tiers.ram import RamTier
+from .tiers.slab import SlabTier
 from .tiers.remote import RemoteSettings, RemoteTier
 
 log = logging.getLogger(__name__)
@@ -468,6 +469,28 @@ class Store:
             kept = None
         if not await self._commit_move(block, (entry, backing), (moved, kept), reason):
             target.free(moved.addr, moved.length)
+            return False
+        return True
+
+    async def repack(self, block: int) -> bool:
+        """Move a payload stored on its own into a fuller slab of its tier, so that a
+        sparse slab empties and gives its memory back (``SlabAllocator.in_sparse_slab``);
+        False if it did not move."""
+        entry, backing = self._current(block), self._current_backing(block)
+        if entry is None or not entry.is_stored or entry.flags & GROUPED:
+            return False
+        tier = self._tiers.get(entry.tier)
+        if not isinstance(tier, SlabTier):
+            return False
+        payload = await tier.get(entry.addr, entry.length)
+        if (self._current(block), self._current_backing(block)) != (entry, backing):
+            self._races_lost += 1
+            return False
+        addr = tier.repack_now(entry.addr, payload)
+        if addr is None:
+            return False
+        if not await self._commit_move(block, (entry, backing), (entry._replace(addr=addr), backing), "repack"):
+            tier.free(addr, entry.length)
             return False
         return True
 

@@ -252,6 +252,34 @@ async def test_idle_ram_pages_are_grouped_in_place(state_dir):
     await store.close()
 
 
+async def test_sparse_ram_slabs_are_repacked_and_give_their_memory_back(state_dir):
+    store = open_store(state_dir, ram_max=64 * SLAB_SIZE)
+    policy = Policy(store, PolicySettings(batch=64, moves_per_second=10 ** 6))
+    pages = {block: page(block, "random") for block in range(160)}  # incompressible: never grouped
+    await store.write(0, b"".join(pages.values()))
+    assert store.stats()["tiers"]["ram"]["slab_bytes"] == 10 * SLAB_SIZE  # 16 pages per slab
+    for block in range(160):
+        if block % 4:
+            await store.trim(block * BLOCK_SIZE, BLOCK_SIZE)
+            del pages[block]
+    assert store.stats()["tiers"]["ram"]["slab_bytes"] == 10 * SLAB_SIZE  # each a quarter used
+    await run_until(policy, lambda: store.stats()["tiers"]["ram"]["slab_bytes"] == 3 * SLAB_SIZE)
+    assert store.move_stats()["moves"]["ram"]["ram"]["repack"] >= 24
+    for _ in range(20):
+        await policy.step()  # settled: nothing moves back and forth
+    assert store.stats()["tiers"]["ram"]["slab_bytes"] == 3 * SLAB_SIZE
+    moves = store.move_stats()["moves"]["ram"]["ram"]["repack"]
+    await policy.step()
+    assert store.move_stats()["moves"]["ram"]["ram"]["repack"] == moves
+    for block, data in pages.items():
+        assert await store.read(block * BLOCK_SIZE, BLOCK_SIZE) == data
+    await store.close()
+    store = open_store(state_dir, ram_max=64 * SLAB_SIZE)
+    for block, data in pages.items():
+        assert await store.read(block * BLOCK_SIZE, BLOCK_SIZE) == data
+    await store.close()
+
+
 async def test_ram_is_not_grouped_while_it_is_demoted(state_dir):
     store = open_store(state_dir, ram_max=8 * SLAB_SIZE)
     policy = Policy(store, PolicySettings(ram_high=0.3, ram_low=0.2, batch=8, moves_per_second=10 ** 6))

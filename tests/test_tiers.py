@@ -464,3 +464,20 @@ async def test_ram_spans_cost_the_memory_of_what_they_hold(state_dir):
     assert tier.stats()["slab_bytes"] == 0
     assert os.stat(arena_path(state_dir)).st_blocks * 512 <= HEADER_SIZE
     tier.close()
+
+
+def test_sparse_slabs_empty_into_the_fullest_one_and_nothing_moves_back():
+    allocator = SlabAllocator(8 * SLAB_SIZE)
+    slabs = [[allocator.alloc(4096) for _ in range(16)] for _ in range(3)]
+    for slab, keep in zip(slabs, (3, 5, 3)):
+        for addr in slab[keep:]:
+            allocator.free(addr, 4096)
+        del slab[keep:]
+    assert [allocator.in_sparse_slab(slab[0], 4096) for slab in slabs] == [True, False, True]
+    assert allocator.alloc_fuller(4096, slabs[1][0]) is None
+    for addr in slabs[0] + slabs[2]:
+        new = allocator.alloc_fuller(4096, addr)
+        assert new // SLAB_SIZE == slabs[1][0] // SLAB_SIZE
+        allocator.free(addr, 4096)
+    assert allocator.slab_bytes == SLAB_SIZE and allocator.blocks == 11
+    assert not allocator.in_sparse_slab(slabs[1][0], 4096)  # alone in its class

@@ -188,6 +188,10 @@ class SlabAllocator:
         slab = self._fullest_partial(cls)
         if slab is None:
             slab = self._new_slab(cls)
+        return self._alloc_in(slab, cls, length)
+
+    def _alloc_in(self, slab: int, cls: int, length: int) -> int:
+        """A free slot of ``slab``, a slab of class ``cls`` with one."""
         slots = self._slots[slab]
         slot = slots.find(0)
         slots[slot] = 1
@@ -222,6 +226,35 @@ class SlabAllocator:
         slots[slot] = 1
         self._set_used(slab, cls, self._used[slab] + 1)
         self._count(length, cls, 1)
+
+    def in_sparse_slab(self, addr: int, length: int) -> bool:
+        """Whether the payload at ``addr`` lies in a slab worth emptying, as zsmalloc
+        compacts: a single slab at most half used, among the emptiest of its class, which
+        has other partly used slabs to take its payloads (see :meth:`alloc_fuller`)."""
+        cls = size_class(length, self.large)
+        if cls > CLASS_COUNT:
+            return False
+        slab, groups = addr // SLAB_SIZE, self._partial[cls]
+        group = self._used[slab] * FULLNESS_GROUPS // slots_per_slab(cls)
+        return group <= 1 and slab in groups[group] and not any(groups[:group]) \
+            and sum(map(len, groups[group:])) > 1
+
+    def alloc_fuller(self, length: int, addr: int) -> int | None:
+        """Like :meth:`alloc`, for the payload at ``addr`` if it lies in a sparse slab,
+        and only in the fullest slab of its class (ties: the lowest), if that one ranks
+        above its own (payloads only move up a total order: no ping-pong); else ``None``."""
+        if not self.in_sparse_slab(addr, length):
+            return None
+        cls = size_class(length, self.large)
+        fullest = next(group for group in reversed(self._partial[cls]) if group)
+        rank = self._rank
+        target = max(fullest, key=rank)
+        if rank(target) <= rank(addr // SLAB_SIZE):
+            return None
+        return self._alloc_in(target, cls, length)
+
+    def _rank(self, slab: int) -> tuple[int, int]:
+        return self._used[slab], -slab
 
     def _fullest_partial(self, cls: int) -> int | None:
         for group in reversed(self._partial[cls]):
@@ -457,6 +490,23 @@ class SlabTier(Tier):
 
     def free(self, addr: int, length: int) -> None:
         self.allocator.free(addr, length)
+
+    def in_sparse_slab(self, addr: int, length: int) -> bool:
+        """See :meth:`SlabAllocator.in_sparse_slab`."""
+        return self.allocator.in_sparse_slab(addr, length)
+
+    def repack_now(self, addr: int, data: bytes) -> int | None:
+        """Copy the payload at ``addr`` (``data``) out of its sparse slab into one of the
+        fullest of its class; the new address, or ``None`` if its slab is not sparse
+        (the old slot stays used either way: the caller frees it)."""
+        new = self.allocator.alloc_fuller(len(data), addr)
+        if new is not None:
+            try:
+                self._write(new, data)
+            except BaseException:
+                self.allocator.free(new, len(data))
+                raise
+        return new
 
     def mark_used(self, addr: int, length: int) -> None:
         if addr + length > self.arena.size:
