@@ -17,9 +17,11 @@
     incompressible pages capped at 4096.  Also the share of zero/same-filled pages, and,
     after writing the corpus through a real Store in a temporary state directory, the
     map metadata bytes per mapped block and the RAM tier's memory over its stored bytes;
-    then the policy drains RAM into the disk tier (grouped payloads of neighbouring
-    blocks) and the disk tier's payload and slot bytes are compared with zram-like, with
-    the cost of reading the pages back in block order and in random order.
+    then every page is made idle and the policy groups them in RAM (grouped payloads of
+    neighbouring blocks, in place), and finally drains RAM into the disk tier (grouped
+    the same way).  After each, the tier's payload and slot bytes (and for RAM its
+    memory) are compared with zram-like, with the cost of reading the pages back in block
+    order and in random order.
     ``--json`` prints the numbers as JSON.
 """
 
@@ -220,10 +222,10 @@ def analyse(pages: list[bytes], group: int = 16) -> dict:
     }
 
 
-async def _through_store(pages: list[bytes], state_dir: Path, batch: int) -> tuple[dict, dict]:
-    """Write the corpus in order, then drain RAM into the disk tier; the stats after
-    each, and the read cost of the drained pages."""
-    from nbdswap.policy import Policy, PolicySettings
+async def _through_store(pages: list[bytes], state_dir: Path, batch: int) -> tuple[dict, dict, dict]:
+    """Write the corpus in order, group the idle pages in RAM, then drain RAM into the
+    disk tier; the stats after each, and the read cost of the grouped pages."""
+    from nbdswap.policy import SCAN_LIMIT, Policy, PolicySettings
     from nbdswap.store import Store
 
     size = max(len(pages), 1) * PAGE
@@ -233,28 +235,34 @@ async def _through_store(pages: list[bytes], state_dir: Path, batch: int) -> tup
             await store.write(i * PAGE, b"".join(pages[i:i + batch]))
         await store.flush()
         written = store.stats()
-        await _drain_ram(store, Policy(store, PolicySettings(moves_per_second=10 ** 9, batch=256)))
-        drained = {**store.stats(), **await _read_cost(store, pages)}
-        return written, drained
+        policy = Policy(store, PolicySettings(moves_per_second=10 ** 9, batch=SCAN_LIMIT))
+        started = time.perf_counter()
+        store.heat[:] = bytes(len(store.heat))  # every page idle: one pass of the hand groups them
+        for _ in range(-(-len(pages) // SCAN_LIMIT) + 1):
+            await policy.step()
+        grouped = {**store.stats(), **await _read_cost(store, pages, time.perf_counter() - started)}
+        started = time.perf_counter()
+        await _drain_ram(store, policy)
+        drained = {**store.stats(), **await _read_cost(store, pages, time.perf_counter() - started)}
+        return written, grouped, drained
     finally:
         await store.close()
 
 
 async def _drain_ram(store, policy) -> None:
-    started = time.perf_counter()
     policy.drain("ram")
     while store.tier("ram").blocks:
         await policy.step()
     policy.undrain("ram")
-    store.drain_seconds = time.perf_counter() - started
 
 
-async def _read_cost(store, pages: list[bytes]) -> dict:
-    """Microseconds per page to read every page back, in block order (a group is decoded
-    once for its pages) and in a random order (mostly once per page); checks the bytes."""
+async def _read_cost(store, pages: list[bytes], seconds: float) -> dict:
+    """Microseconds per page of the move that took ``seconds``, and to read every page
+    back in block order (a group is decoded once for its pages) and in a random order
+    (mostly once per page); checks the bytes."""
     import random
 
-    costs = {}
+    costs = {"move_us_per_page": seconds / max(len(pages), 1) * 1e6}
     for order in ("block", "random"):
         blocks = list(range(len(pages)))
         if order == "random":
@@ -263,25 +271,25 @@ async def _read_cost(store, pages: list[bytes]) -> dict:
         started = time.perf_counter()
         for block in blocks:
             if await store.read(block * PAGE, PAGE) != pages[block]:
-                raise AssertionError(f"block {block} reads back wrong after the drain")
+                raise AssertionError(f"block {block} reads back wrong after it was moved")
         costs[f"read_{order}_order_us"] = (time.perf_counter() - started) / max(len(pages), 1) * 1e6
-    costs["drain_us_per_page"] = store.drain_seconds / max(len(pages), 1) * 1e6
     return costs
 
 
 def store_numbers(pages: list[bytes], batch: int = 32) -> dict:
-    """Write the corpus through a real Store; map metadata, RAM-tier overhead, and the
-    disk tier's grouped payloads after a drain of RAM."""
+    """Write the corpus through a real Store; map metadata, RAM-tier overhead, the RAM
+    tier's grouped payloads once every page is idle, and the disk tier's after a drain
+    of RAM."""
     from nbdswap.tiers.ram import arena_path
 
     tmp = Path(tempfile.mkdtemp(prefix="nbdswap-corpus-"))
     state = tmp / "state"
     try:
-        stats, drained = asyncio.run(_through_store(pages, state, batch))
+        stats, grouped, drained = asyncio.run(_through_store(pages, state, batch))
     finally:
         arena_path(state).unlink(missing_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-    disk = drained["tiers"]["disk"]
+    disk, idle = drained["tiers"]["disk"], grouped["tiers"]["ram"]
     ram = stats["tiers"]["ram"]
     mapped = stats["map"]["blocks"]
     stored = ram["stored_bytes"]
@@ -298,12 +306,21 @@ def store_numbers(pages: list[bytes], batch: int = 32) -> dict:
         "disk_blocks": stats["tiers"]["disk"]["blocks"],
         "store_zero_blocks": stats.get("zero_blocks", 0),
         "store_same_filled_blocks": stats.get("same_filled_blocks", 0),
+        "idle_ram_blocks": idle["blocks"],
+        "idle_ram_grouped_blocks": idle.get("grouped_blocks", 0),
+        "idle_ram_grouped_payloads": idle.get("grouped_payloads", 0),
+        "idle_ram_stored_bytes": idle["stored_bytes"],
+        "idle_ram_used_bytes": idle["used_bytes"],
+        "idle_ram_slab_bytes": idle["slab_bytes"],
+        **{f"idle_ram_{key}": grouped[key] for key in ("read_block_order_us", "read_random_order_us",
+                                                      "move_us_per_page")},
         "drained_disk_blocks": disk["blocks"],
         "drained_disk_grouped_blocks": disk.get("grouped_blocks", 0),
         "drained_disk_grouped_payloads": disk.get("grouped_payloads", 0),
         "drained_disk_stored_bytes": disk["stored_bytes"],
         "drained_disk_used_bytes": disk["used_bytes"],
-        **{key: drained[key] for key in ("read_block_order_us", "read_random_order_us", "drain_us_per_page")},
+        **{f"drained_disk_{key}": drained[key] for key in ("read_block_order_us", "read_random_order_us",
+                                                          "move_us_per_page")},
     }
 
 
@@ -344,16 +361,28 @@ def format_report(path: Path, a: dict, s: dict | None) -> str:
             f"  RAM tier slab_bytes     {s['ram_slab_bytes']:>12} B  = {s['ram_slab_over_stored']:.3f} x stored"
             "  (arena memory; target <= 1.10)",
             "",
+            f"  every page idle, grouped in RAM in place: {s['idle_ram_blocks']} blocks in RAM, "
+            f"{s['idle_ram_grouped_blocks']} in {s['idle_ram_grouped_payloads']} grouped payloads",
+            *_moved_lines(s, "idle_ram", "RAM", a["zram_bytes"]),
+            f"  RAM tier slab_bytes     {s['idle_ram_slab_bytes']:>12} B  = "
+            f"{s['idle_ram_slab_bytes'] / (s['idle_ram_stored_bytes'] or 1):.3f} x stored  (arena memory)",
+            "",
             f"  after draining RAM into the disk tier: {s['drained_disk_blocks']} blocks on disk, "
             f"{s['drained_disk_grouped_blocks']} in {s['drained_disk_grouped_payloads']} grouped payloads",
-            f"  disk stored_bytes       {s['drained_disk_stored_bytes']:>12} B  = "
-            f"{s['drained_disk_stored_bytes'] / (a['zram_bytes'] or 1):.3f} x zram-like  (target <= 0.87)",
-            f"  disk used_bytes         {s['drained_disk_used_bytes']:>12} B  = "
-            f"{s['drained_disk_used_bytes'] / (a['zram_bytes'] or 1):.3f} x zram-like  (slots)",
-            f"  drain {s['drain_us_per_page']:.1f} us/page; read back {s['read_block_order_us']:.1f} us/page "
-            f"in block order, {s['read_random_order_us']:.1f} us/page in random order",
+            *_moved_lines(s, "drained_disk", "disk", a["zram_bytes"]),
         ]
     return "\n".join(lines)
+
+
+def _moved_lines(s: dict, prefix: str, tier: str, zram_bytes: int) -> list[str]:
+    """Stored and slot bytes of a tier after a move against zram-like, and its costs."""
+    stored, used = s[f"{prefix}_stored_bytes"], s[f"{prefix}_used_bytes"]
+    return [
+        f"  {tier + ' stored_bytes':<23} {stored:>12} B  = {stored / (zram_bytes or 1):.3f} x zram-like  (target <= 0.87)",
+        f"  {tier + ' used_bytes':<23} {used:>12} B  = {used / (zram_bytes or 1):.3f} x zram-like  (slots)",
+        f"  moved in {s[f'{prefix}_move_us_per_page']:.1f} us/page; read back {s[f'{prefix}_read_block_order_us']:.1f} "
+        f"us/page in block order, {s[f'{prefix}_read_random_order_us']:.1f} us/page in random order",
+    ]
 
 
 # --------------------------------------------------------------------------- main

@@ -70,11 +70,15 @@ def test_corpus_report_is_consistent(tmp_path: Path) -> None:
         assert store["ram_used_bytes"] == report["nbdswap_slot_bytes"]
     assert store["ram_stored_bytes"] <= store["ram_used_bytes"] <= store["ram_slab_bytes"]
     assert store["ram_slab_over_stored"] == pytest.approx(store["ram_slab_bytes"] / store["ram_stored_bytes"])
-    # Drained into the disk tier (every page read back and compared by the report itself).
-    assert store["drained_disk_blocks"] == data_pages
-    assert 0 < store["drained_disk_grouped_blocks"] <= data_pages
-    assert store["drained_disk_stored_bytes"] <= store["drained_disk_used_bytes"]
-    assert store["read_block_order_us"] > 0 and store["read_random_order_us"] > 0
+    # Grouped in RAM once idle, then drained into the disk tier (every page read back and
+    # compared by the report itself after each).
+    for prefix, blocks in (("idle_ram", store["ram_blocks"]), ("drained_disk", data_pages)):
+        assert store[f"{prefix}_blocks"] == blocks
+        assert 0 < store[f"{prefix}_grouped_blocks"] <= blocks
+        assert store[f"{prefix}_stored_bytes"] <= store[f"{prefix}_used_bytes"]
+        assert store[f"{prefix}_read_block_order_us"] > 0 and store[f"{prefix}_read_random_order_us"] > 0
+    assert store["idle_ram_stored_bytes"] < store["ram_stored_bytes"]
+    assert store["idle_ram_used_bytes"] <= store["idle_ram_slab_bytes"]
 
 
 def test_corpus_report_table_and_capture(tmp_path: Path) -> None:
