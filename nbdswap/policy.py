@@ -26,9 +26,9 @@ copy, compare-and-swap the map entry and free the old slot), in rate-limited bat
   are compressed in place with the other cold ones of their map group (the
   ``regroup`` moves), as zram recompresses idle pages.  About a fifth less memory for
   pages that sat unread for several passes; a read of one then decodes its group.
-  The same hand moves single payloads out of RAM's sparse slabs into fuller ones of
-  their size class (``repack``, as zsmalloc compacts), so those slabs empty and their
-  memory goes back to the system.
+  The same hand moves payloads out of RAM's sparse slabs into fuller ones of their
+  size class (``repack``, as zsmalloc compacts), so those slabs empty and their memory
+  goes back to the system.
 * **Compaction**: grouped payloads that lost references are offered to
   :meth:`Store.compact`, which re-stores their live pages once half of them are dead;
   up to :data:`COMPACTIONS_PER_BATCH` per batch.
@@ -355,9 +355,9 @@ class Policy:
         return jobs
 
     def _in_sparse_slab(self, block: int) -> bool:
-        """Whether the block is a single payload in a sparse slab of RAM."""
+        """Whether the block's payload lies in a sparse slab of RAM."""
         entry = self.store.entry(block)
-        return entry is not None and entry.is_stored and entry.tier == TIER_RAM and not entry.flags & GROUPED \
+        return entry is not None and entry.is_stored and entry.tier == TIER_RAM \
             and self.store.tier("ram").in_sparse_slab(entry.addr, entry.length)
 
     def _companions(self, group: int, tier: str, taken: set[int], *, cold_only: bool,
@@ -484,10 +484,10 @@ class Policy:
 
     def _idle_ram_work(self) -> Iterator[tuple]:
         """The CLOCK hand of RAM's demotions goes on: cold compressed pages stored on
-        their own are grouped; other single payloads in sparse slabs are repacked."""
+        their own are grouped; other payloads in sparse slabs are repacked."""
         ram, heat = self.store.tier("ram"), self.store.heat
         for block, entry in self._walk("demote:ram", self.store.primaries):
-            if entry.tier != TIER_RAM or entry.flags & GROUPED:
+            if entry.tier != TIER_RAM:
                 continue
             if not heat[block] and _groupable(entry):
                 yield block, "ram", "regroup", "ram"

@@ -472,27 +472,38 @@ class Store:
             return False
         return True
 
-    async def repack(self, block: int) -> bool:
-        """Move a payload stored on its own into a fuller slab of its tier, so that a
-        sparse slab empties and gives its memory back (``SlabAllocator.in_sparse_slab``);
-        False if it did not move."""
+    async def repack(self, block: int) -> int:
+        """Copy the block's payload into a fuller slab of its tier, so that a sparse
+        slab empties and gives its memory back (``SlabAllocator.in_sparse_slab``); every
+        entry pointing at the payload (all of a grouped one's) follows.  Returns how
+        many entries moved (0: not in a sparse slab, or the block changed meanwhile)."""
         entry, backing = self._current(block), self._current_backing(block)
-        if entry is None or not entry.is_stored or entry.flags & GROUPED:
-            return False
+        if entry is None or not entry.is_stored:
+            return 0
         tier = self._tiers.get(entry.tier)
-        if not isinstance(tier, SlabTier):
-            return False
+        if not isinstance(tier, SlabTier) or not tier.in_sparse_slab(entry.addr, entry.length):
+            return 0
         payload = await tier.get(entry.addr, entry.length)
         if (self._current(block), self._current_backing(block)) != (entry, backing):
             self._races_lost += 1
-            return False
+            return 0
         addr = tier.repack_now(entry.addr, payload)
         if addr is None:
-            return False
-        if not await self._commit_move(block, (entry, backing), (entry._replace(addr=addr), backing), "repack"):
+            return 0
+        slot, template = _slot(entry), entry._replace(addr=addr)
+        if entry.flags & GROUPED:
+            share = self._groups[slot]
+            holders = self._holders(share[2], slot)
+        else:
+            holders = [(block, entry, backing)]
+        batches = [batch for holder in holders
+                   if (batch := self._repoint(holder, slot, template, "repack")) is not None]
+        if not batches:
             tier.free(addr, entry.length)
-            return False
-        return True
+        elif entry.flags & GROUPED:
+            self._groups[_slot(template)][3] = share[3]
+        await self._settle(batches, fua=False)
+        return len(batches)
 
     async def _payload_of(self, block: int, entry: Entry, source: Tier) -> tuple[bytes, Entry]:
         """The payload a move copies and its entry (tier and address still to set): the
@@ -611,7 +622,7 @@ class Store:
         new_addr = await tier.put(payload)
         template = Entry(tier_id, GROUPED | COMPRESSED, len(payload), 0, new_addr)
         batches = [batch for holder in holders
-                   if (batch := self._repoint(holder, (tier_id, addr), template)) is not None]
+                   if (batch := self._repoint(holder, (tier_id, addr), template, "compact")) is not None]
         if batches:
             self._groups[tier_id, new_addr][3] = len(pages)
         else:
@@ -630,9 +641,9 @@ class Store:
         return holders
 
     def _repoint(self, holder: tuple[int, Entry, Entry | None], slot: tuple[int, int],
-                 template: Entry) -> _Batch | None:
+                 template: Entry, reason: str) -> _Batch | None:
         """Stage the holder's entry or clean copy in ``slot`` as ``template`` (with its
-        page checksum), if the block still has both; counts it as a compaction move."""
+        page checksum), if the block still has both; counts it as a move for ``reason``."""
         block, entry, backing = holder
         if _in_slot(entry, slot):
             new = (template._replace(checksum=entry.checksum), backing)
@@ -642,7 +653,7 @@ class Store:
         if batch is None:
             self._races_lost += 1
         else:
-            self._moves[TIER_NAMES[slot[0]], TIER_NAMES[template.tier], "compact"] += 1
+            self._moves[TIER_NAMES[slot[0]], TIER_NAMES[template.tier], reason] += 1
         return batch
 
     async def _restore_alone(self, holder: tuple[int, Entry, Entry | None], slot: tuple[int, int],
@@ -652,7 +663,7 @@ class Store:
         if not tier.has_room(len(encoded.payload)):
             return 0
         template = _stored_entry(tier, encoded, await tier.put(encoded.payload))
-        batch = self._repoint(holder, slot, template)
+        batch = self._repoint(holder, slot, template, "compact")
         if batch is None:
             tier.free(template.addr, template.length)
             return 0

@@ -280,6 +280,31 @@ async def test_sparse_ram_slabs_are_repacked_and_give_their_memory_back(state_di
     await store.close()
 
 
+async def test_a_grouped_payload_is_repacked_with_every_entry_pointing_at_it(state_dir):
+    store = open_store(state_dir, ram_max=64 * SLAB_SIZE)
+    rng = random.Random(4)
+    data = b"".join(rng.randbytes(150) + bytes(BLOCK_SIZE - 150) for _ in range(16))
+    await store.write(0, data)
+    assert await store.move_group(range(16), "ram", "regroup") == 16
+    grouped, ram = store.entry(0), store.tier("ram")
+    assert grouped.flags & GROUPED and grouped.length <= 4096  # a small class: 64 KiB slabs
+    others = [ram.put_now(bytes(grouped.length)) for _ in range(40)]  # fill its slab, start another
+    same_slab = [addr for addr in others if addr // SLAB_SIZE == grouped.addr // SLAB_SIZE]
+    for addr in same_slab[3:]:
+        ram.free(addr, grouped.length)  # its slab is left a few slots used: sparse
+    assert ram.in_sparse_slab(grouped.addr, grouped.length)
+    assert await store.repack(5) == 16
+    moved = store.entry(0)
+    assert moved.addr // SLAB_SIZE != grouped.addr // SLAB_SIZE
+    assert all(store.entry(block) == moved._replace(checksum=store.entry(block).checksum) for block in range(16))
+    assert {slot: share[0] for slot, share in store._groups.items()} == grouped_references(store) \
+        == {(TIER_RAM, moved.addr): 16}
+    assert store.move_stats()["moves"]["ram"]["ram"]["repack"] == 16
+    assert await store.repack(5) == 0  # its new slab is not sparse
+    assert await store.read(0, len(data)) == data
+    await store.close()
+
+
 async def test_ram_is_not_grouped_while_it_is_demoted(state_dir):
     store = open_store(state_dir, ram_max=8 * SLAB_SIZE)
     policy = Policy(store, PolicySettings(ram_high=0.3, ram_low=0.2, batch=8, moves_per_second=10 ** 6))
