@@ -238,8 +238,12 @@ async def _through_store(pages: list[bytes], state_dir: Path, batch: int) -> tup
         policy = Policy(store, PolicySettings(moves_per_second=10 ** 9, batch=SCAN_LIMIT))
         started = time.perf_counter()
         store.heat[:] = bytes(len(store.heat))  # every page idle: one pass of the hand groups them
-        for _ in range(-(-len(pages) // SCAN_LIMIT) + 1):
-            await policy.step()
+        for _ in range(4):  # then passes repack what the grouping left in sparse slabs
+            moves = store.move_stats()["moves"]
+            for _ in range(-(-len(pages) // SCAN_LIMIT) + 1):
+                await policy.step()
+            if store.move_stats()["moves"] == moves:
+                break
         grouped = {**store.stats(), **await _read_cost(store, pages, time.perf_counter() - started)}
         started = time.perf_counter()
         await _drain_ram(store, policy)

@@ -69,6 +69,10 @@ def test_settings_validate_and_parse():
         with pytest.raises(PolicyError):
             settings_.set(key, value)
     assert settings_.ram_low == 0.75  # refused changes change nothing
+    settings_.set("group_idle_ram", "off")
+    assert settings_.group_idle_ram is False
+    with pytest.raises(PolicyError, match="on or off"):
+        settings_.set("group_idle_ram", "sometimes")
     assert free_on_read_threshold("never") > 1 and free_on_read_threshold("always") == 0
     assert free_on_read_threshold("above:40") == 0.4
 

@@ -71,7 +71,7 @@ def recount(store: Store) -> dict:
                 continue
             payloads.add((entry.tier, entry.addr))
             tier["stored_bytes"] += entry.length
-            tier["used_bytes"] += slot_bytes(size_class(entry.length, large=entry.tier == TIER_DISK))
+            tier["used_bytes"] += slot_bytes(size_class(entry.length, large=True))
     return {
         "tiers": {name: dict(values) for name, values in tiers.items()},
         "map": counts["blocks"],
@@ -284,7 +284,7 @@ class StoreMachine(RuleBasedStateMachine):
     @rule(group=st.integers(0, (BLOCKS - 1) // 16), tier=st.sampled_from(["disk", "ram"]),
           writes=st.lists(st.integers(0, 15), max_size=3, unique=True), seed=st.integers(0, 2**16))
     def move_group_racing_writes(self, group, tier, writes, seed):
-        """A grouped demotion (or, to RAM, per-page moves) while some of its blocks are rewritten."""
+        """A grouped move (to disk, or in place in RAM) while some of its blocks are rewritten."""
         blocks = [block for block in range(group * 16, group * 16 + 16) if block < self.BLOCKS]
         written = [blocks[0] + offset for offset in writes if blocks[0] + offset < self.BLOCKS]
         data = {block: make_data("text", seed + block, BLOCK_SIZE) for block in written}

@@ -4,15 +4,15 @@ The file lives in ``/dev/shm`` under a name derived from the state directory, so
 restarted server (same state dir) maps the same pages and finds its data.  It survives
 a killed process but not a reboot; the block map then marks the tier's blocks lost.
 
-Each 64 KiB slab's memory is reserved with ``posix_fallocate`` when a payload is first
-written into it, so a full tmpfs shows up as :class:`NoSpaceError` instead of SIGBUS on a
-store into the mapping; an emptied slab is punched out and its memory returned to the
-system.
+Memory is reserved with ``posix_fallocate`` when a payload is first written into it (a
+64 KiB slab of single pages at once), so a full tmpfs shows up as :class:`NoSpaceError`
+instead of SIGBUS on a store into the mapping; an emptied slab is punched out and its
+memory returned to the system.
 
 The tier takes grouped payloads (idle pages compressed together, see
-:mod:`nbdswap.policy`) in 1 MiB spans.  Only the slabs of a span that hold payloads are
+:mod:`nbdswap.policy`) in 1 MiB spans.  Only the pages of a span that hold payloads are
 reserved, and the arena has address space for one extra span per large size class, so
-the capacity bounds the tier's *memory* (reserved slabs), not its addresses: a partly
+the capacity bounds the tier's *memory* (reserved pages), not its addresses: a partly
 used span costs what it holds, not 1 MiB.
 """
 
@@ -29,6 +29,8 @@ from ..errors import NoSpaceError
 from .slab import HEADER_SIZE, LARGE_CLASS_COUNT, MAX_PAYLOAD, SLAB_SIZE, SPAN_SIZE, Arena, SlabTier, slot_size
 
 SHM_DIR = Path("/dev/shm")
+PAGE = mmap.PAGESIZE
+PAGES_PER_SLAB = SLAB_SIZE // PAGE
 #: Address space beyond the capacity: one partly used span per large size class.
 SPAN_HEADROOM = LARGE_CLASS_COUNT * SPAN_SIZE
 
@@ -45,11 +47,11 @@ class RamTier(SlabTier):
     large_payloads = True  # grouped payloads of idle pages
 
     def __init__(self, arena: Arena, capacity: int) -> None:
-        self._memory_slabs = capacity // SLAB_SIZE  # the most slabs reserved at once
+        self._memory_pages = capacity // SLAB_SIZE * PAGES_PER_SLAB  # the most pages reserved
         super().__init__(arena, _address_space(capacity))
         self._mm = mmap.mmap(arena.fd, HEADER_SIZE + arena.size)
-        self._reserved = bytearray(-(-arena.size // SLAB_SIZE))  # 1: the slab has memory
-        self._reserved_slabs = 0
+        self._reserved = bytearray(-(-arena.size // PAGE))  # 1: the page has memory
+        self._reserved_pages = 0
         self._map_present_pages()
 
     @classmethod
@@ -61,24 +63,27 @@ class RamTier(SlabTier):
 
     @property
     def capacity_bytes(self) -> int:
-        return self._memory_slabs * SLAB_SIZE
+        return self._memory_pages * PAGE
 
     def stats(self) -> dict[str, int]:
-        return {**super().stats(), "slab_bytes": self._reserved_slabs * SLAB_SIZE}
+        return {**super().stats(), "slab_bytes": self._reserved_pages * PAGE}
 
     def has_room(self, nbytes: int) -> bool:
-        """Room in the addresses, and memory for the slabs a new slot may need (none
-        for a single page when its class has a partly used slab, which is reserved)."""
+        """Room in the addresses, and memory for the pages a new slot may need: a whole
+        slab for a single page (none when its class has a partly used slab, which is
+        reserved), the slot's pages for a grouped payload."""
         if not self.allocator.has_room(nbytes):
             return False
-        needed = 1 if nbytes <= MAX_PAYLOAD else 2  # a span's slot may straddle two slabs
-        if self._reserved_slabs + needed <= self._memory_slabs:
-            return True
-        return nbytes <= MAX_PAYLOAD and self.allocator.has_partial(nbytes)
+        if nbytes <= MAX_PAYLOAD:
+            return self._reserved_pages + PAGES_PER_SLAB <= self._memory_pages \
+                or self.allocator.has_partial(nbytes)
+        return self._reserved_pages + slot_size(nbytes, large=True) // PAGE + 2 <= self._memory_pages
 
     def _write(self, addr: int, data: bytes) -> None:
-        if len(data) > MAX_PAYLOAD or not self._reserved[addr // SLAB_SIZE]:
-            self._reserve_slot(addr, slot_size(len(data), large=True))
+        if len(data) > MAX_PAYLOAD:
+            self._reserve(addr, slot_size(len(data), large=True))
+        elif not self._reserved[addr // PAGE]:
+            self._reserve(addr - addr % SLAB_SIZE, SLAB_SIZE)  # a slab of single pages: at once
         start = HEADER_SIZE + addr
         self._mm[start : start + len(data)] = data
 
@@ -92,31 +97,32 @@ class RamTier(SlabTier):
     async def sync(self) -> None:
         """Nothing to do: shared memory is as durable as it gets (not across a reboot)."""
 
-    def _reserve_slot(self, addr: int, length: int) -> None:
-        """Reserve the memory of the slabs a slot lies in that have none yet."""
-        for slab in range(addr // SLAB_SIZE, (addr + length - 1) // SLAB_SIZE + 1):
-            if not self._reserved[slab]:
-                self._reserve(slab)
-
-    def _reserve(self, slab: int) -> None:
-        if self._reserved_slabs >= self._memory_slabs:
+    def _reserve(self, addr: int, length: int) -> None:
+        """Give memory to the pages of ``addr..addr+length`` that have none (one call)."""
+        first, stop = addr // PAGE, -(-(addr + length) // PAGE)
+        missing = stop - first - sum(self._reserved[first:stop])
+        if not missing:
+            return
+        if self._reserved_pages + missing > self._memory_pages:
             raise NoSpaceError("the RAM tier's memory is all in use")
-        start = HEADER_SIZE + slab * SLAB_SIZE
+        start, end = HEADER_SIZE + first * PAGE, HEADER_SIZE + stop * PAGE
         try:
-            os.posix_fallocate(self.arena.fd, start, SLAB_SIZE)
+            os.posix_fallocate(self.arena.fd, start, end - start)
         except OSError as error:
             if error.errno in (errno.ENOSPC, errno.ENOMEM):
                 raise NoSpaceError(f"shared memory is full: {error.strerror}") from None
             raise
-        self._map_pages(start, start + SLAB_SIZE)
-        self._reserved[slab] = 1
-        self._reserved_slabs += 1
+        self._map_pages(start, end)
+        self._reserved[first:stop] = b"\1" * (stop - first)
+        self._reserved_pages += missing
 
     def _release_slab(self, slab: int) -> None:
-        if self._reserved[slab]:
+        first = slab * PAGES_PER_SLAB
+        held = sum(self._reserved[first : first + PAGES_PER_SLAB])
+        if held:
             super()._release_slab(slab)
-            self._reserved[slab] = 0
-            self._reserved_slabs -= 1
+            self._reserved[first : first + PAGES_PER_SLAB] = bytes(PAGES_PER_SLAB)
+            self._reserved_pages -= held
 
     def _map_pages(self, start: int, stop: int) -> None:
         """Fault the pages in through the mapping: under mlockall (the server) that
@@ -138,11 +144,9 @@ class RamTier(SlabTier):
                 raise
             offset = min(os.lseek(fd, start, os.SEEK_HOLE), end)
             self._map_pages(start, offset)
-            first = max(start - HEADER_SIZE, 0) // SLAB_SIZE
-            for slab in range(first, -(-(offset - HEADER_SIZE) // SLAB_SIZE)):
-                if not self._reserved[slab]:
-                    self._reserved[slab] = 1
-                    self._reserved_slabs += 1
+            first, stop = max(start - HEADER_SIZE, 0) // PAGE, (offset - HEADER_SIZE) // PAGE
+            self._reserved_pages += stop - first - sum(self._reserved[first:stop])
+            self._reserved[first:stop] = b"\1" * (stop - first)
 
     def close(self) -> None:
         self._mm.close()
