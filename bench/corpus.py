@@ -369,7 +369,8 @@ def format_report(path: Path, a: dict, s: dict | None) -> str:
             f"{s['idle_ram_grouped_blocks']} in {s['idle_ram_grouped_payloads']} grouped payloads",
             *_moved_lines(s, "idle_ram", "RAM", a["zram_bytes"]),
             f"  RAM tier slab_bytes     {s['idle_ram_slab_bytes']:>12} B  = "
-            f"{s['idle_ram_slab_bytes'] / (s['idle_ram_stored_bytes'] or 1):.3f} x stored  (arena memory)",
+            f"{s['idle_ram_slab_bytes'] / (s['idle_ram_stored_bytes'] or 1):.3f} x stored, "
+            f"{s['idle_ram_slab_bytes'] / (a['zram_bytes'] or 1):.3f} x zram-like  (arena memory; target <= 1.10 x stored)",
             "",
             f"  after draining RAM into the disk tier: {s['drained_disk_blocks']} blocks on disk, "
             f"{s['drained_disk_grouped_blocks']} in {s['drained_disk_grouped_payloads']} grouped payloads",
