@@ -147,3 +147,20 @@ def remove_ram_arena(state_dir: Path) -> None:
     """Tests leave nothing behind in /dev/shm."""
     from nbdswap.tiers.ram import arena_path
     arena_path(state_dir).unlink(missing_ok=True)
+
+
+def wait_for_log(server: ServerProcess, text: str, timeout: float = 10) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = server.log()
+        if text in log:
+            return log
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} not logged:\n{server.log()[-3000:]}")
+
+
+def wait_for_connections(server: ServerProcess, count: int, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while server.status()["connections"] > count and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.status()["connections"] == count

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from nbdutil import SYSTEM_PATH, free_port, nbdsh, nbdswap_command, remove_ram_arena, ServerProcess
+from nbdutil import (SYSTEM_PATH, ServerProcess, free_port, nbdsh, nbdswap_command, remove_ram_arena,
+                     wait_for_connections, wait_for_log)
 
 IHAVEOPT = 0x49484156454F5054
 REQUEST_MAGIC = 0x25609513
@@ -46,16 +47,6 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")
-
-
-def wait_for_log(server: ServerProcess, text: str, timeout: float = 10) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        log = server.log()
-        if text in log:
-            return log
-        time.sleep(0.05)
-    raise AssertionError(f"{text!r} not logged:\n{server.log()[-3000:]}")
 
 
 def closed_without_greeting(sock: socket.socket) -> bool:
@@ -207,13 +198,6 @@ def test_hundreds_of_hostile_connections_beside_a_verified_client(server_factory
                  "exceeds the maximum payload"):
         assert line in log, line
     wait_for_connections(server, 0)
-
-
-def wait_for_connections(server: ServerProcess, count: int, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while server.status()["connections"] > count and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert server.status()["connections"] == count
 
 
 # --- limits -----------------------------------------------------------------------------
