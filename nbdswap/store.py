@@ -898,7 +898,10 @@ class Store:
         encoded = encode(page)
         if encoded.kind <= PageKind.SAME_FILLED:  # or ZERO: no tier data
             return _unstored_entry(encoded)
-        for tier in self._tiers_with_room(len(encoded.payload)):
+        length = len(encoded.payload)
+        for tier in self._placement_for(length):
+            if not tier.has_room(length):
+                continue
             try:
                 return _stored_entry(tier, encoded, await tier.put(encoded.payload))
             except (NoSpaceError, TierUnavailableError):
@@ -907,11 +910,16 @@ class Store:
 
     def _store_page_now(self, page: bytes) -> Entry | None:
         """:meth:`_store_page` without awaiting, or ``None`` (nothing stored) when the
-        tier the page goes to must be awaited (the remote tier)."""
+        tier the page goes to must be awaited (the remote tier).  The tiers are tried
+        in a plain loop: a generator of the tiers with room cost 4k instructions of a
+        RAM write's 211k (callgrind)."""
         encoded = encode(page)
         if encoded.kind <= PageKind.SAME_FILLED:  # or ZERO: no tier data
             return _unstored_entry(encoded)
-        for tier in self._tiers_with_room(len(encoded.payload)):
+        length = len(encoded.payload)
+        for tier in self._placement_for(length):
+            if not tier.has_room(length):
+                continue
             try:
                 addr = tier.put_now(encoded.payload)
             except NoSpaceError:
@@ -923,10 +931,6 @@ class Store:
         """Free the slots of entries that were never staged."""
         for entry in entries:
             self._discard(entry)
-
-    def _tiers_with_room(self, length: int) -> Iterator[Tier]:
-        """The tiers a new payload of ``length`` bytes may go to that have room, in order."""
-        return (tier for tier in self._placement_for(length) if tier.has_room(length))
 
     def _placement_for(self, length: int) -> list[Tier]:
         """Tiers a new payload may go to, in order: draining tiers never; RAM last for
