@@ -379,9 +379,8 @@ class Store:
         data = data if isinstance(data, bytes) else bytes(data)
         first = offset // BLOCK_SIZE
         if len(data) == BLOCK_SIZE:
-            pages = [data]
-        else:
-            pages = [data[i : i + BLOCK_SIZE] for i in range(0, len(data), BLOCK_SIZE)]
+            return self._write_block_now(first, data)
+        pages = [data[i : i + BLOCK_SIZE] for i in range(0, len(data), BLOCK_SIZE)]
         entries = []
         try:
             for page in pages:
@@ -400,6 +399,15 @@ class Store:
             self.heat[block] = HOT
             batch = self._stage(block, entry)
         return batch
+
+    def _write_block_now(self, block: int, page: bytes) -> _Batch | None:
+        """:meth:`write_now` of one whole block, the write of a swapped-out page, without
+        the loops over pages and entries and their lists (1.7k instructions, callgrind)."""
+        entry = self._store_page_now(page)
+        if entry is None:
+            return None
+        self.heat[block] = HOT
+        return self._stage(block, entry)
 
     @staticmethod
     def when_committed(batch: _Batch, callback: Callable[[str | None], None]) -> None:
