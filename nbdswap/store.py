@@ -1094,20 +1094,25 @@ class Store:
         old_backing = self._current_backing(block)
         batch.base.setdefault(block, old)
         batch.changes[block] = entry
-        if old_backing is not None or backing is not None:
-            batch.backing_base.setdefault(block, old_backing)
-            batch.backing[block] = backing
-            self._count_backing(old_backing, -1)
-            self._count_backing(backing, 1)
-        kept = {_slot(kept) for kept in (entry, backing) if kept is not None and kept.is_stored}
-        for gone in (old, old_backing):  # a grouped payload's reference goes in any case
-            if gone is not None and gone.is_stored and (gone.flags & GROUPED or _slot(gone) not in kept):
-                batch.replaced.append((block, gone))
+        if _frees(old, entry, backing):
+            batch.replaced.append((block, old))
         self._hold(block, entry)
-        self._hold(block, backing)
+        if old_backing is not None or backing is not None:
+            self._replace_backing(batch, block, old_backing, entry, backing)
         self._count(old, -1)
         self._count(entry, 1)
         return batch
+
+    def _replace_backing(self, batch: _Batch, block: int, old_backing: Entry | None, entry: Entry | None,
+                         backing: Entry | None) -> None:
+        """The clean-copy part of :meth:`_replace` (most changes have no clean copy)."""
+        batch.backing_base.setdefault(block, old_backing)
+        batch.backing[block] = backing
+        self._count_backing(old_backing, -1)
+        self._count_backing(backing, 1)
+        if _frees(old_backing, entry, backing):
+            batch.replaced.append((block, old_backing))
+        self._hold(block, backing)
 
     def _commit(self) -> None:
         """Write the staged batch in one transaction, then free what it replaced."""
@@ -1232,6 +1237,17 @@ def _slot(entry: Entry) -> tuple[int, int]:
 
 def _in_slot(entry: Entry | None, slot: tuple[int, int]) -> bool:
     return entry is not None and entry.is_stored and _slot(entry) == slot
+
+
+def _frees(gone: Entry | None, entry: Entry | None, backing: Entry | None) -> bool:
+    """Whether replacing ``gone`` by ``entry`` and ``backing`` leaves its tier slot to
+    free (a grouped payload's reference goes in any case)."""
+    if gone is None or not gone.is_stored:
+        return False
+    if gone.flags & GROUPED:
+        return True
+    slot = _slot(gone)
+    return not (_in_slot(entry, slot) or _in_slot(backing, slot))
 
 
 def _same_data(entry: Entry, copy: Entry) -> bool:
