@@ -114,14 +114,22 @@ def slots_per_slab(cls: int) -> int:
     return slab_slabs(cls) * SLAB_SIZE // slot_bytes(cls)
 
 
+#: :func:`slot_bytes`, :func:`slab_slabs` and :func:`slots_per_slab` of every class (0
+#: unused), indexed on the paths of every allocation and free instead of called: the
+#: calls were 5.6k instructions of a RAM write (callgrind).
+_SLOT_BYTES = tuple(slot_bytes(cls) for cls in range(LAST_CLASS + 1))
+_SLAB_SLABS = tuple(slab_slabs(cls) for cls in range(LAST_CLASS + 1))
+_SLOTS_PER_SLAB = (0, *(slots_per_slab(cls) for cls in range(1, LAST_CLASS + 1)))
+
+
 def _slot_of(addr: int, cls: int) -> tuple[int, int]:
     """(First) slab and slot of ``addr`` if it is a slot boundary of class ``cls``."""
-    span = slab_slabs(cls) * SLAB_SIZE
-    slab, offset = divmod(addr, span)
-    slot, misalignment = divmod(offset, slot_bytes(cls))
-    if misalignment or slot >= slots_per_slab(cls):
+    slabs = _SLAB_SLABS[cls]
+    slab, offset = divmod(addr, slabs * SLAB_SIZE)
+    slot, misalignment = divmod(offset, _SLOT_BYTES[cls])
+    if misalignment or slot >= _SLOTS_PER_SLAB[cls]:
         raise ValueError(f"address {addr} is not a slot of class {cls}")
-    return slab * slab_slabs(cls), slot
+    return slab * slabs, slot
 
 
 def _ignore_slab(slab: int) -> None:
@@ -197,7 +205,7 @@ class SlabAllocator:
         slots[slot] = 1
         self._set_used(slab, cls, self._used[slab] + 1)
         self._count(length, cls, 1)
-        return slab * SLAB_SIZE + slot * slot_bytes(cls)
+        return slab * SLAB_SIZE + slot * _SLOT_BYTES[cls]
 
     def free(self, addr: int, length: int) -> None:
         cls = size_class(length, self.large)
@@ -272,7 +280,7 @@ class SlabAllocator:
             groups[before * FULLNESS_GROUPS // slots].discard(slab)
         if used == 0:
             self._release(slab)
-        elif used < slots and slab + slab_slabs(cls) <= self.slab_limit:
+        elif used < slots and slab + _SLAB_SLABS[cls] <= self.slab_limit:
             groups[used * FULLNESS_GROUPS // slots].add(slab)
 
     def _locate(self, addr: int, cls: int) -> tuple[int, int]:
@@ -285,7 +293,7 @@ class SlabAllocator:
     def _count(self, length: int, cls: int, sign: int) -> None:
         self.blocks += sign
         self.stored_bytes += sign * length
-        self.used_bytes += sign * slot_bytes(cls)
+        self.used_bytes += sign * _SLOT_BYTES[cls]
 
     def _find_free_slab(self, span: int = 1) -> int:
         """A free slab (or the first of ``span`` free, aligned ones) below the limit, or -1."""
