@@ -420,20 +420,23 @@ def _pack_group(records: Mapping[int, bytes]) -> bytes:
 
 
 def _apply(txn: lmdb.Transaction, db, changes: Mapping[int, Entry | None]) -> None:
-    """Apply block changes to the groups they fall in, one read and one write per group."""
+    """Apply block changes to the groups they fall in, one read and one write per group
+    (through a cursor of ``db``, whose get and put take positional arguments: py-lmdb
+    parses keyword arguments slowly; 2.9k instructions of a RAM write, callgrind)."""
     by_group: dict[int, list[tuple[int, Entry | None]]] = {}
     for block, entry in changes.items():
         by_group.setdefault(block >> GROUP_BITS, []).append((block & _SLOT_MASK, entry))
+    cursor = txn.cursor(db)
     for group in sorted(by_group):
         group_key = key(group)
-        value = txn.get(group_key, db=db)
+        value = cursor.get(group_key)
         edited = value or _EMPTY_GROUP
         for slot, entry in by_group[group]:
             edited = _with_record(edited, slot, None if entry is None else entry.pack())
         if edited != _EMPTY_GROUP:
-            txn.put(group_key, edited, db=db)
+            cursor.put(group_key, edited)
         elif value is not None:
-            txn.delete(group_key, db=db)
+            cursor.delete()
 
 
 _EMPTY_GROUP = _BITMAP.pack(0)
