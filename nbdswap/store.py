@@ -1293,8 +1293,11 @@ def _unstored_entry(encoded: Encoded) -> Entry:
 
 
 def _stored_entry(tier: Tier, encoded: Encoded, addr: int) -> Entry:
+    """The entry of a payload stored at ``addr``, built with ``tuple.__new__`` as
+    blockmap's decoder does (NamedTuple's Python-level ``__new__``: 1.2k instructions
+    more per stored page, callgrind)."""
     flags = COMPRESSED if encoded.kind == _COMPRESSED_KIND else 0
-    return Entry(tier.tier_id, flags, len(encoded.payload), encoded.checksum, addr)
+    return tuple.__new__(Entry, (tier.tier_id, flags, len(encoded.payload), encoded.checksum, addr))
 
 
 def _split(offset: int, length: int) -> Iterator[tuple[int, int, int]]:
