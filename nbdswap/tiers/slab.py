@@ -191,10 +191,14 @@ class SlabAllocator:
         return any(self._partial[size_class(length, self.large)])
 
     def alloc(self, length: int) -> int:
-        """Reserve a slot for a payload of ``length`` bytes and return its address."""
+        """Reserve a slot for a payload of ``length`` bytes and return its address: in the
+        fullest partly used slab of its class, else in a new one."""
         cls = size_class(length, self.large)
-        slab = self._fullest_partial(cls)
-        if slab is None:
+        for group in reversed(self._partial[cls]):
+            if group:
+                slab = group.pop()
+                break
+        else:
             slab = self._new_slab(cls)
         return self._alloc_in(slab, cls, length)
 
@@ -209,7 +213,9 @@ class SlabAllocator:
 
     def free(self, addr: int, length: int) -> None:
         cls = size_class(length, self.large)
-        slab, slot = self._locate(addr, cls)
+        slab, slot = _slot_of(addr, cls)
+        if slab not in self._slots or self._classes[slab] != cls:
+            raise ValueError(f"address {addr} is not in a slab of class {cls}")
         slots = self._slots[slab]
         if not slots[slot]:
             raise ValueError(f"double free of address {addr}")
@@ -264,12 +270,6 @@ class SlabAllocator:
     def _rank(self, slab: int) -> tuple[int, int]:
         return self._used[slab], -slab
 
-    def _fullest_partial(self, cls: int) -> int | None:
-        for group in reversed(self._partial[cls]):
-            if group:
-                return group.pop()
-        return None
-
     def _set_used(self, slab: int, cls: int, used: int) -> None:
         """Change a slab's use count, keeping its fullness group (or releasing it)."""
         slots = len(self._slots[slab])
@@ -282,13 +282,6 @@ class SlabAllocator:
             self._release(slab)
         elif used < slots and slab + _SLAB_SLABS[cls] <= self.slab_limit:
             groups[used * FULLNESS_GROUPS // slots].add(slab)
-
-    def _locate(self, addr: int, cls: int) -> tuple[int, int]:
-        """Slab and slot of an allocated address."""
-        slab, slot = _slot_of(addr, cls)
-        if slab not in self._slots or self._classes[slab] != cls:
-            raise ValueError(f"address {addr} is not in a slab of class {cls}")
-        return slab, slot
 
     def _count(self, length: int, cls: int, sign: int) -> None:
         self.blocks += sign
