@@ -44,6 +44,9 @@ OPERATION_NAMES = {
 
 #: As globals: looking a member up on the Enum class costs ~80 ns each time.
 _READ, _WRITE = Command.READ, Command.WRITE
+#: Tested on every write instead of the ``Request.fua`` property (whose call cost 0.7k
+#: instructions a write, callgrind).
+_FUA = int(CommandFlag.FUA)
 
 
 class BlockDevice:
@@ -76,7 +79,7 @@ class BlockDevice:
         command = request.command
         if command == _READ:
             return self._submit_read(request, connection, done)
-        if command == _WRITE and not request.fua:
+        if command == _WRITE and not request.flags & _FUA:
             return self._submit_write(request, connection, done)
         return self.execute(request, connection)
 
