@@ -112,14 +112,17 @@ class Entry(NamedTuple):
     addr: int
 
     def pack(self) -> bytes:
-        """The 14-byte record of this entry (ValueError for an address beyond 56 bits)."""
-        head = self.flags << 2 | self.tier
-        if self.flags & SAME_FILLED:
-            word = self.addr
+        """The 14-byte record of this entry (ValueError for an address beyond 56 bits).
+        Every committed change packs one: the fields are unpacked at once (reading
+        them by name, a descriptor call each, cost 0.5k instructions a write, callgrind)."""
+        tier, flags, length, checksum, addr = self
+        head = flags << 2 | tier
+        if flags & SAME_FILLED:
+            word = addr
             return _RECORD.pack(word >> 48 << 8 | head, word & 0xFFFF, word >> 16 & 0xFFFF_FFFF)
-        if not 0 <= self.addr < ADDR_LIMIT:
-            raise ValueError(f"slot address {self.addr:#x} does not fit the map's 56 bits")
-        return _RECORD.pack(self.addr << 8 | head, self.length, self.checksum)
+        if not 0 <= addr < ADDR_LIMIT:
+            raise ValueError(f"slot address {addr:#x} does not fit the map's 56 bits")
+        return _RECORD.pack(addr << 8 | head, length, checksum)
 
     @staticmethod
     def unpack(value: bytes, offset: int = 0) -> Entry:
