@@ -272,7 +272,7 @@ class SlabAllocator:
 
     def _set_used(self, slab: int, cls: int, used: int) -> None:
         """Change a slab's use count, keeping its fullness group (or releasing it)."""
-        slots = len(self._slots[slab])
+        slots = _SLOTS_PER_SLAB[cls]
         before = self._used[slab]
         self._used[slab] = used
         groups = self._partial[cls]
