@@ -1031,11 +1031,18 @@ class Store:
     def _discard(self, entry: Entry | None) -> None:
         """Free the tier slot of an entry nobody can see any more (a grouped payload's
         once its last reference goes)."""
-        if entry is None or not entry.is_stored or (entry.flags & GROUPED and not self._release(entry, 1)):
+        if entry is not None and entry.is_stored:
+            self._free_slot(entry)
+
+    def _free_slot(self, entry: Entry) -> None:
+        """:meth:`_discard` of a stored entry, such as those a commit replaced (which
+        then skips a property call per write)."""
+        if entry.flags & GROUPED and not self._release(entry, 1):
             return
-        if entry.tier in self._tiers:
+        tier = self._tiers.get(entry.tier)
+        if tier is not None:
             try:
-                self._tiers[entry.tier].free(entry.addr, entry.length)
+                tier.free(entry.addr, entry.length)
             except ValueError:
                 log.exception("tier slot of %r was already free", entry)
 
@@ -1134,7 +1141,7 @@ class Store:
         for block, backing in batch.backing.items():
             self._may_have_backing[block] = backing is not None
         for _, entry in batch.replaced:
-            self._discard(entry)
+            self._free_slot(entry)
         batch.finish(None)
 
     def _roll_back(self, batch: _Batch) -> None:
