@@ -207,8 +207,7 @@ class SlabAllocator:
         slots = self._slots[slab]
         slot = slots.find(0)
         slots[slot] = 1
-        self._set_used(slab, cls, self._used[slab] + 1)
-        self._count(length, cls, 1)
+        self._account(slab, cls, length, 1)
         return slab * SLAB_SIZE + slot * _SLOT_BYTES[cls]
 
     def free(self, addr: int, length: int) -> None:
@@ -220,8 +219,7 @@ class SlabAllocator:
         if not slots[slot]:
             raise ValueError(f"double free of address {addr}")
         slots[slot] = 0
-        self._count(length, cls, -1)
-        self._set_used(slab, cls, self._used[slab] - 1)
+        self._account(slab, cls, length, -1)
 
     def mark_used(self, addr: int, length: int) -> None:
         """Record an existing payload (start-up rebuild from the block map)."""
@@ -238,8 +236,7 @@ class SlabAllocator:
         if slots[slot]:
             raise ValueError(f"address {addr} is recorded twice")
         slots[slot] = 1
-        self._set_used(slab, cls, self._used[slab] + 1)
-        self._count(length, cls, 1)
+        self._account(slab, cls, length, 1)
 
     def in_sparse_slab(self, addr: int, length: int) -> bool:
         """Whether the payload at ``addr`` lies in a slab worth emptying, as zsmalloc
@@ -270,10 +267,15 @@ class SlabAllocator:
     def _rank(self, slab: int) -> tuple[int, int]:
         return self._used[slab], -slab
 
-    def _set_used(self, slab: int, cls: int, used: int) -> None:
-        """Change a slab's use count, keeping its fullness group (or releasing it)."""
+    def _account(self, slab: int, cls: int, length: int, sign: int) -> None:
+        """Count a payload of ``length`` bytes in (``sign`` 1) or out (-1) of ``slab``, a
+        slab of class ``cls``, keeping the slab's fullness group (or releasing it)."""
+        self.blocks += sign
+        self.stored_bytes += sign * length
+        self.used_bytes += sign * _SLOT_BYTES[cls]
         slots = _SLOTS_PER_SLAB[cls]
         before = self._used[slab]
+        used = before + sign
         self._used[slab] = used
         groups = self._partial[cls]
         if 0 < before < slots:
@@ -282,11 +284,6 @@ class SlabAllocator:
             self._release(slab)
         elif used < slots and slab + _SLAB_SLABS[cls] <= self.slab_limit:
             groups[used * FULLNESS_GROUPS // slots].add(slab)
-
-    def _count(self, length: int, cls: int, sign: int) -> None:
-        self.blocks += sign
-        self.stored_bytes += sign * length
-        self.used_bytes += sign * _SLOT_BYTES[cls]
 
     def _find_free_slab(self, span: int = 1) -> int:
         """A free slab (or the first of ``span`` free, aligned ones) below the limit, or -1."""
