@@ -237,6 +237,12 @@ class _State(enum.Enum):
     CLOSED = "closed"
 
 
+#: As globals, like the commands: receive_data and _parse test the state once per chunk
+#: and once per request, and each lookup on the Enum class cost 1k instructions.
+_CLIENT_FLAGS, _OPTIONS, _STARTING_TLS, _TRANSMISSION, _CLOSED = (
+    _State.CLIENT_FLAGS, _State.OPTIONS, _State.STARTING_TLS, _State.TRANSMISSION, _State.CLOSED)
+
+
 class _InvalidOption(Exception):
     """An option's payload is malformed: answered with NBD_REP_ERR_INVALID."""
 
@@ -303,13 +309,13 @@ class ServerConnection:
 
     def receive_data(self, data: bytes) -> None:
         """Take bytes from the peer; events become available through next_event()."""
-        if self._state is _State.CLOSED:
+        if self._state is _CLOSED:
             return
         if self._discard:
             data = self._skip(data)
         if data:
             self._in += data
-        if self._state is _State.STARTING_TLS:
+        if self._state is _STARTING_TLS:
             self._hold_until_tls()
         else:
             self._parse()
@@ -403,11 +409,11 @@ class ServerConnection:
     def _parse(self) -> None:
         while not self._discard:
             state = self._state
-            if state is _State.TRANSMISSION:
+            if state is _TRANSMISSION:
                 progressed = self._parse_request()
-            elif state is _State.OPTIONS:
+            elif state is _OPTIONS:
                 progressed = self._parse_option()
-            elif state is _State.CLIENT_FLAGS:
+            elif state is _CLIENT_FLAGS:
                 progressed = self._parse_client_flags()
             else:  # closed, or waiting for the TLS handshake
                 break
