@@ -411,6 +411,43 @@ async def test_full_block_overwrite_frees_the_old_slot(store):
     assert store.stats()["tiers"]["ram"]["blocks"] == 0
 
 
+@given(writes=st.lists(st.tuples(st.integers(0, 39), st.integers(1, 3), st.sampled_from(KINDS),
+                                  st.integers(0, 2**16)), min_size=1, max_size=30))
+@settings(max_examples=40, deadline=None)
+def test_write_now_stores_what_write_stores(writes):
+    """The NBD fast path (write_now, acknowledged through when_committed) leaves the map
+    entries, counters and data that write leaves, ENOSPC included."""
+    asyncio.run(_write_both_ways(writes))
+
+
+async def _write_both_ways(writes):
+    dirs = [Path(tempfile.mkdtemp(prefix="nbdswap-write-now-")) for _ in range(2)]
+    now, awaited = (Store.open(path, size=42 * BLOCK_SIZE, ram_max=SLAB_SIZE, disk_max=SLAB_SIZE)
+                    for path in dirs)
+    try:
+        for block, count, kind, seed in writes:
+            data = make_data(kind, seed, count * BLOCK_SIZE)
+            try:
+                await awaited.write(block * BLOCK_SIZE, data)
+            except NoSpaceError:
+                with pytest.raises(NoSpaceError):
+                    now.write_now(block * BLOCK_SIZE, data)
+                continue
+            acknowledged = []
+            Store.when_committed(now.write_now(block * BLOCK_SIZE, data), acknowledged.append)
+            await asyncio.sleep(0)
+            assert acknowledged == [None]
+        assert now.write_now(SECTOR, bytes(SECTOR)) is None  # a partial block takes write()
+        assert list(now._map.items()) == list(awaited._map.items())
+        assert counted(now) == counted(awaited) == recount(now)
+        assert await now.read(0, now.size) == await awaited.read(0, awaited.size)
+    finally:
+        for store, path in zip((now, awaited), dirs):
+            await store.close()
+            arena_path(path).unlink(missing_ok=True)
+            shutil.rmtree(path)
+
+
 async def test_data_survives_restart(state_dir):
     store = open_store(state_dir, ram_max=SLAB_SIZE)
     data = make_data("random", 5, 40 * BLOCK_SIZE)  # more than RAM holds
