@@ -49,6 +49,8 @@ from .constants import (
 _OPTION_HEADER = struct.Struct(">QII")
 _OPTION_REPLY_HEADER = struct.Struct(">QIII")
 _REQUEST_HEADER = struct.Struct(">IHHQQI")
+#: Its size, read three times per request (as the attribute: 0.4k instructions more).
+_REQUEST_HEADER_SIZE = _REQUEST_HEADER.size
 _SIMPLE_REPLY = struct.Struct(">IIQ")
 _STRUCTURED_HEADER = struct.Struct(">IHHQI")
 #: The header of an OFFSET_DATA chunk followed by its offset, packed in one call.
@@ -632,16 +634,16 @@ class ServerConnection:
 
     def _parse_request(self) -> bool:
         available = len(self._in) - self._pos  # _available(), spared a call per request
-        if available < _REQUEST_HEADER.size:
+        if available < _REQUEST_HEADER_SIZE:
             return False
         magic, flags, command, cookie, offset, length = _REQUEST_HEADER.unpack_from(self._in, self._pos)
         if magic != REQUEST_MAGIC:
             self._close(f"bad request magic {magic:#x}")
             return False
         carries_payload = command == _WRITE and length <= self.export.maximum_payload
-        if carries_payload and available < _REQUEST_HEADER.size + length:
+        if carries_payload and available < _REQUEST_HEADER_SIZE + length:
             return False
-        self._pos += _REQUEST_HEADER.size
+        self._pos += _REQUEST_HEADER_SIZE
         data = self._take(length) if carries_payload else None
         if command == _DISC:
             self._close()
