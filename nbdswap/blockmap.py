@@ -80,6 +80,9 @@ _FLAGS_MASK = 0x3F
 _OLD_ENTRY = struct.Struct("<BBHIQ")
 _BITMAP = struct.Struct("<H")
 _unpack_record = _RECORD.unpack_from
+#: The sizes as constants: every lookup and every committed change reads them (as the
+#: Structs' attributes: 1.0k instructions more a RAM write, 0.4k a read, callgrind).
+_RECORD_SIZE, _BITMAP_SIZE = _RECORD.size, _BITMAP.size
 #: Builds an :class:`Entry` from a tuple (see :func:`_unpack_entry`).
 _new_tuple = tuple.__new__
 _KEY_BYTES = 8
@@ -394,7 +397,7 @@ def _entry_in(group: bytes | None, slot: int) -> Entry | None:
     bitmap = group[0] | group[1] << 8  # _BITMAP, little-endian
     if not bitmap >> slot & 1:
         return None
-    return _unpack_entry(group, _BITMAP.size + (bitmap & ((1 << slot) - 1)).bit_count() * _RECORD.size)
+    return _unpack_entry(group, _BITMAP_SIZE + (bitmap & ((1 << slot) - 1)).bit_count() * _RECORD_SIZE)
 
 
 def _group_entries(group: bytes) -> Iterator[tuple[int, Entry]]:
@@ -406,11 +409,11 @@ def _group_entries(group: bytes) -> Iterator[tuple[int, Entry]]:
 def _slot_offsets(group: bytes) -> Iterator[tuple[int, int]]:
     """(slot, offset of its record) of a packed group value, in slot order."""
     bitmap = _BITMAP.unpack_from(group)[0]
-    offset = _BITMAP.size
+    offset = _BITMAP_SIZE
     while bitmap:
         lowest = bitmap & -bitmap
         yield lowest.bit_length() - 1, offset
-        offset += _RECORD.size
+        offset += _RECORD_SIZE
         bitmap ^= lowest
 
 
@@ -450,15 +453,15 @@ def _with_record(group: bytes, slot: int, record: bytes | None) -> bytes:
     bytes: decoding the group's entries for every change doubled a commit's cost."""
     bitmap = _BITMAP.unpack_from(group)[0]
     bit = 1 << slot
-    start = _BITMAP.size + (bitmap & (bit - 1)).bit_count() * _RECORD.size
+    start = _BITMAP_SIZE + (bitmap & (bit - 1)).bit_count() * _RECORD_SIZE
     if bitmap & bit:
-        end = start + _RECORD.size
+        end = start + _RECORD_SIZE
         if record is None:
-            return _BITMAP.pack(bitmap & ~bit) + group[_BITMAP.size:start] + group[end:]
+            return _BITMAP.pack(bitmap & ~bit) + group[_BITMAP_SIZE:start] + group[end:]
         return group[:start] + record + group[end:]
     if record is None:
         return group
-    return _BITMAP.pack(bitmap | bit) + group[_BITMAP.size:start] + record + group[start:]
+    return _BITMAP.pack(bitmap | bit) + group[_BITMAP_SIZE:start] + record + group[start:]
 
 
 def _convert_to_groups(env: lmdb.Environment, meta) -> None:
