@@ -209,7 +209,8 @@ class Store:
         #: Tier ids that take no new blocks (drained); persisted in the map.
         self.draining: set[int] = {tier.tier_id for tier in self._tiers.values()
                                    if tier.name in blockmap.draining()}
-        #: :meth:`_placement_for` a payload within / above :attr:`ram_payload_limit`.
+        #: What :meth:`_placement_for` returns for a payload within, and above,
+        #: :attr:`ram_payload_limit`.
         self._placements: tuple[list[Tier], list[Tier]] = self._placement_orders()
         #: Payloads longer than this skip the RAM tier (incompressible pages).
         self.ram_payload_limit = BLOCK_SIZE
