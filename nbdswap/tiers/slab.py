@@ -478,13 +478,7 @@ class SlabTier(Tier):
 
     def put_now(self, data: bytes) -> int:
         """:meth:`put` without the coroutine: slab tiers never wait to write."""
-        addr = self.allocator.alloc(len(data))
-        try:
-            self._write(addr, data)
-        except BaseException:
-            self.allocator.free(addr, len(data))
-            raise
-        return addr
+        return self._fill(self.allocator.alloc(len(data)), data)
 
     def free(self, addr: int, length: int) -> None:
         self.allocator.free(addr, length)
@@ -496,15 +490,20 @@ class SlabTier(Tier):
     def repack_now(self, addr: int, data: bytes) -> int | None:
         """Copy the payload at ``addr`` (``data``) out of its sparse slab into one of the
         fullest of its class; the new address, or ``None`` if its slab is not sparse
-        (the old slot stays used either way: the caller frees it)."""
+        (the old slot stays allocated either way: the caller frees it once the map
+        points at the copy)."""
         new = self.allocator.alloc_fuller(len(data), addr)
-        if new is not None:
-            try:
-                self._write(new, data)
-            except BaseException:
-                self.allocator.free(new, len(data))
-                raise
-        return new
+        return None if new is None else self._fill(new, data)
+
+    def _fill(self, addr: int, data: bytes) -> int:
+        """Write a payload into the slot just allocated for it, which is freed again if
+        that fails; the slot's address."""
+        try:
+            self._write(addr, data)
+        except BaseException:
+            self.allocator.free(addr, len(data))
+            raise
+        return addr
 
     def mark_used(self, addr: int, length: int) -> None:
         if addr + length > self.arena.size:
