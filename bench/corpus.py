@@ -236,21 +236,35 @@ async def _through_store(pages: list[bytes], state_dir: Path, batch: int) -> tup
         await store.flush()
         written = store.stats()
         policy = Policy(store, PolicySettings(moves_per_second=10 ** 9, batch=SCAN_LIMIT))
-        started = time.perf_counter()
-        store.heat[:] = bytes(len(store.heat))  # every page idle: one pass of the hand groups them
-        for _ in range(4):  # then passes repack what the grouping left in sparse slabs
-            moves = store.move_stats()["moves"]
-            for _ in range(-(-len(pages) // SCAN_LIMIT) + 1):
-                await policy.step()
-            if store.move_stats()["moves"] == moves:
-                break
-        grouped = {**store.stats(), **await _read_cost(store, pages, time.perf_counter() - started)}
-        started = time.perf_counter()
-        await _drain_ram(store, policy)
-        drained = {**store.stats(), **await _read_cost(store, pages, time.perf_counter() - started)}
+        grouped = await _after(store, pages, _group_idle_ram(store, policy, len(pages)))
+        drained = await _after(store, pages, _drain_ram(store, policy))
         return written, grouped, drained
     finally:
         await store.close()
+
+
+async def _after(store, pages: list[bytes], move) -> dict:
+    """The store's stats after ``move`` (a coroutine moving every page), its cost per
+    page, and the cost of reading the pages back."""
+    started = time.perf_counter()
+    await move
+    seconds = time.perf_counter() - started
+    return {**store.stats(), "move_us_per_page": seconds / max(len(pages), 1) * 1e6,
+            **await _read_cost(store, pages)}
+
+
+async def _group_idle_ram(store, policy, count: int) -> None:
+    """Make every page idle: one pass of the policy's hand groups them in RAM, the next
+    repack what the grouping left in sparse slabs, until a pass moves nothing."""
+    from nbdswap.policy import SCAN_LIMIT
+
+    store.heat[:] = bytes(len(store.heat))
+    for _ in range(4):
+        moves = store.move_stats()["moves"]
+        for _ in range(-(-count // SCAN_LIMIT) + 1):
+            await policy.step()
+        if store.move_stats()["moves"] == moves:
+            return
 
 
 async def _drain_ram(store, policy) -> None:
@@ -260,13 +274,12 @@ async def _drain_ram(store, policy) -> None:
     policy.undrain("ram")
 
 
-async def _read_cost(store, pages: list[bytes], seconds: float) -> dict:
-    """Microseconds per page of the move that took ``seconds``, and to read every page
-    back in block order (a group is decoded once for its pages) and in a random order
-    (mostly once per page); checks the bytes."""
+async def _read_cost(store, pages: list[bytes]) -> dict:
+    """Microseconds per page to read every page back, in block order (a group is decoded
+    once for its pages) and in a random order (mostly once per page); checks the bytes."""
     import random
 
-    costs = {"move_us_per_page": seconds / max(len(pages), 1) * 1e6}
+    costs = {}
     for order in ("block", "random"):
         blocks = list(range(len(pages)))
         if order == "random":
