@@ -342,8 +342,7 @@ class Policy:
         payload, or had one page) are repacked if they lie in a sparse slab."""
         moved = await self.store.move_group(blocks, target, "regroup")
         for block in blocks:
-            if self._in_sparse_slab(block):
-                moved += await self.store.repack(block)
+            moved += await self.store.repack(block)  # 0 at once unless in a sparse slab
         return moved
 
     def _compaction_jobs(self) -> list[tuple[tuple, Awaitable]]:
