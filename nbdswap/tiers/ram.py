@@ -77,7 +77,8 @@ class RamTier(SlabTier):
         if nbytes <= MAX_PAYLOAD:
             return self._reserved_pages + PAGES_PER_SLAB <= self._memory_pages \
                 or self.allocator.has_partial(nbytes)
-        return self._reserved_pages + slot_size(nbytes, large=True) // PAGE + 2 <= self._memory_pages
+        spanned = slot_size(nbytes, large=True) // PAGE + 2  # a slot need not start on a page
+        return self._reserved_pages + spanned <= self._memory_pages
 
     def _write(self, addr: int, data: bytes) -> None:
         if len(data) > MAX_PAYLOAD:
