@@ -56,6 +56,9 @@ class ServerPolicy:
 
     #: Seconds from accept to transmission (TLS handshake included).
     handshake_timeout: float = 10.0
+    #: On shutdown, seconds a connection may stay half-closed after its last reply
+    #: while the client reads the replies and closes (see ``NBDConnection._linger``).
+    shutdown_linger: float = 5.0
     #: Longer option payloads are skipped unbuffered and refused.
     max_option_length: int = MAX_OPTION_LENGTH
     max_connections: int = 256
@@ -115,12 +118,14 @@ class NBDConnection(asyncio.Protocol):
         self._reading_paused = False
         self._writing_paused = False
         self._closing = False
+        self._lingering = False
         self._peer = "?"
         self.peer_key = ""
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._tls_task: asyncio.Task | None = None
         self.idle = asyncio.Event()
         self.idle.set()
+        self.closed = asyncio.Event()
 
     # --- asyncio callbacks -------------------------------------------------------
 
@@ -143,6 +148,8 @@ class NBDConnection(asyncio.Protocol):
             self.close()
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return  # sent after the last reply of a shutdown: dropped unread, never run
         self._protocol.receive_data(data)
         self._process()
 
@@ -156,6 +163,8 @@ class NBDConnection(asyncio.Protocol):
         self._flush()
 
     def eof_received(self) -> bool:
+        if self._lingering:
+            return False  # the client has read every reply: close
         self._closing = True
         self._close_when_idle()
         return not self._protocol.tls_active  # TLS has no half-close: let it close
@@ -167,6 +176,7 @@ class NBDConnection(asyncio.Protocol):
             self._handshake_timer.cancel()
         if self._server.release(self):
             log.debug("connection from %s closed", self._peer)
+        self.closed.set()
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -301,7 +311,7 @@ class NBDConnection(asyncio.Protocol):
             self._update_reading()
 
     def _update_reading(self) -> None:
-        if self._transport is None or self._transport.is_closing():
+        if self._transport is None or self._transport.is_closing() or self._lingering:
             return
         over_budget = self._in_flight_bytes > self._max_in_flight
         want_pause = self._writing_paused or self._closing or over_budget
@@ -321,18 +331,41 @@ class NBDConnection(asyncio.Protocol):
                  self._peer, self._in_flight_bytes, self._max_in_flight)
 
     def _close_when_idle(self) -> None:
-        """Finish in-flight requests and send their replies, then close."""
+        """Finish every request read (those waiting for the in-flight budget too: their
+        data is in memory), send the replies, then close (or, on a shutdown, linger)."""
+        while self._deferred:
+            self._launch(self._deferred.popleft())
         self._update_reading()
         if self._pending or self._transport is None:
             return
         self._flush()
-        if not self._transport.is_closing():
+        if self._transport.is_closing() or self._lingering:
+            return
+        if self._server.shutting_down and self._transport.can_write_eof():
+            self._linger()
+        else:
             self._transport.close()
 
+    def _linger(self) -> None:
+        """Half-close after the last reply, then read and drop what the client still
+        sends until it closes too.  Closing with its requests unread would reset the
+        connection, and the client would lose the replies it had not read yet: it
+        could not tell a write that was done from one never read.  Bounded by
+        :attr:`ServerPolicy.shutdown_linger` in :meth:`NBDServer.shutdown`."""
+        self._lingering = True
+        self._transport.write_eof()
+        if self._reading_paused:
+            self._transport.resume_reading()
+            self._reading_paused = False
+
     def close(self) -> None:
-        """Graceful close: stop reading, let in-flight requests finish."""
+        """Graceful close: stop reading, finish and answer every request read."""
         self._closing = True
         self._close_when_idle()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
 
 
 class NBDServer:
@@ -411,6 +444,13 @@ class NBDServer:
             connection.close()
         for connection in list(self.connections):
             await connection.idle.wait()
+        closing = [asyncio.create_task(connection.closed.wait()) for connection in self.connections]
+        if closing:
+            _, lingering = await asyncio.wait(closing, timeout=self.policy.shutdown_linger)
+            for connection in list(self.connections):
+                connection.abort()
+            if lingering:
+                await asyncio.wait(lingering)
         for server in self._servers:
             await server.wait_closed()
         for path in self._unix_paths:

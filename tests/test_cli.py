@@ -105,11 +105,11 @@ def test_status_without_a_server_says_so(tmp_path):
     assert result.returncode == 2 and b"no nbdswap server answers" in result.stderr
 
 
-CHUNK_SCRIPT = "import random\ndef chunk(i): return random.Random(i).randbytes(32768) * 2\n"
+CHUNK_SCRIPT = "import random\ndef chunk(i): return random.Random(i).randbytes(SIZE // 2) * 2\n"
 
 WRITER_SCRIPT = CHUNK_SCRIPT + """
 import json
-cookies = [h.aio_pwrite(chunk(i), i * 65536) for i in range(512)]
+cookies = [h.aio_pwrite(chunk(i), i * SIZE) for i in range(512)]
 print("queued", flush=True)
 try:
     while h.aio_in_flight() > 0:
@@ -127,15 +127,20 @@ print(json.dumps(answers))
 """
 
 
-def test_sigterm_finishes_in_flight_writes_then_exits(tmp_path):
-    """Every write the server took before SIGTERM is finished and acknowledged; one it
-    refuses after is answered ESHUTDOWN and, like one it never read (the client reports
-    ENOTCONN once the connection closes), leaves no trace."""
+@pytest.mark.parametrize("size,budget", [(65536, "64M"), (4096, "4K")],
+                         ids=["everything-in-flight", "requests-deferred"])
+def test_sigterm_finishes_in_flight_writes_then_exits(tmp_path, size, budget):
+    """Every write the server read before SIGTERM is finished and acknowledged, those
+    waiting for the in-flight budget too; one it refuses after is answered ESHUTDOWN and,
+    like one it never read (the client reports ENOTCONN once the connection closes),
+    leaves no trace.  The server half-closes after its last reply, so the client reads
+    every reply before it sees the end: a write done is never reported as ENOTCONN."""
     sock = tmp_path / "s.sock"
     uri = f"nbd+unix:///swap?socket={sock}"
-    process, _ = serve(tmp_path, "--size", "64M", "--ram-max", "8M", "--disk-max", "64M",
-                       "--listen", f"unix://{sock}")
-    writer = subprocess.Popen(["nbdsh", "-u", uri, "-c", "import errno", "-c", WRITER_SCRIPT],
+    options = ("--size", "64M", "--ram-max", "8M", "--disk-max", "64M", "--max-in-flight", budget,
+               "--listen", f"unix://{sock}")
+    process, _ = serve(tmp_path, *options)
+    writer = subprocess.Popen(["nbdsh", "-u", uri, "-c", f"import errno\nSIZE = {size}", "-c", WRITER_SCRIPT],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={"PATH": "/usr/bin:/bin"})
     assert writer.stdout.readline().strip() == b"queued"
     assert stop(process) == 0
@@ -145,13 +150,18 @@ def test_sigterm_finishes_in_flight_writes_then_exits(tmp_path):
     assert acknowledged, err.decode()
     assert set(answers.values()) <= {"ok", "ESHUTDOWN", "ENOTCONN"}, answers
     assert all(i > acknowledged[-1] for i, answer in answers.items() if answer != "ok")
-    process, _ = serve(tmp_path, "--size", "64M", "--ram-max", "8M", "--disk-max", "64M",
-                       "--listen", f"unix://{sock}")
+    process, _ = serve(tmp_path, *options)
     try:
-        nbdsh(uri, CHUNK_SCRIPT + f"""
-acknowledged = set({acknowledged!r})
+        nbdsh(uri, f"SIZE = {size}\n" + CHUNK_SCRIPT + f"""
+answers = {answers!r}
 for i in range(512):
-    assert h.pread(65536, i * 65536) == (chunk(i) if i in acknowledged else bytes(65536)), i
+    got = h.pread(SIZE, i * SIZE)
+    if answers.get(i) == "ok":
+        damaged = [page for page in range(SIZE // 4096)
+                   if got[page * 4096:(page + 1) * 4096] != chunk(i)[page * 4096:(page + 1) * 4096]]
+        assert not damaged, f"acknowledged chunk {{i}}: pages {{damaged}} lost or damaged"
+    else:
+        assert got == bytes(SIZE), f"chunk {{i}} answered {{answers.get(i)}} was written"
 """)
     finally:
         assert stop(process) == 0
