@@ -545,11 +545,10 @@ class Policy:
     def _targets(self, tier: str, *, down_only: bool) -> list[str]:
         """Tiers that may take ``tier``'s blocks: those below it (nearest first), then,
         unless ``down_only``, those above it (nearest first); never a draining one."""
-        names = [name for name in self.store.tier_names()
-                 if name != tier and self.store.tier(name).tier_id not in self.store.draining]
         tier_id = self.store.tier(tier).tier_id
-        below = [name for name in names if self.store.tier(name).tier_id > tier_id]
-        above = [name for name in reversed(names) if self.store.tier(name).tier_id < tier_id]
+        accepting = self.store.accepting_tiers()
+        below = [other.name for other in accepting if other.tier_id > tier_id]
+        above = [other.name for other in reversed(accepting) if other.tier_id < tier_id]
         return below if down_only else below + above
 
     def _frees_on_read(self, tier: str) -> bool:

@@ -723,6 +723,11 @@ class Store:
     def tier(self, name: str) -> Tier:
         return self._tier_named(name)
 
+    def accepting_tiers(self) -> list[Tier]:
+        """Tiers that take new blocks (every one but a draining one), fastest first:
+        where writes go (:meth:`_placement_for`) and moves may go (the policy engine)."""
+        return [self._tiers[tier_id] for tier_id in sorted(self._tiers) if tier_id not in self.draining]
+
     def set_draining(self, name: str, draining: bool) -> None:
         """Let tier ``name`` take new blocks or not (persisted in the map)."""
         tier = self._tier_named(name)
@@ -953,7 +958,7 @@ class Store:
     def _placement_orders(self) -> tuple[list[Tier], list[Tier]]:
         """The two orders :meth:`_placement_for` chooses from, computed once per change
         of :attr:`draining` instead of on every write."""
-        tiers = [self._tiers[tier_id] for tier_id in sorted(self._tiers) if tier_id not in self.draining]
+        tiers = self.accepting_tiers()
         if tiers and tiers[0].tier_id == TIER_RAM:
             return tiers, tiers[1:] + tiers[:1]
         return tiers, tiers
