@@ -444,13 +444,14 @@ class NBDServer:
             connection.close()
         for connection in list(self.connections):
             await connection.idle.wait()
-        closing = [asyncio.create_task(connection.closed.wait()) for connection in self.connections]
-        if closing:
-            _, lingering = await asyncio.wait(closing, timeout=self.policy.shutdown_linger)
+        closed = [asyncio.create_task(connection.closed.wait()) for connection in self.connections]
+        if closed:
+            await asyncio.wait(closed, timeout=self.policy.shutdown_linger)
             for connection in list(self.connections):
                 connection.abort()
-            if lingering:
-                await asyncio.wait(lingering)
+            await asyncio.wait(closed, timeout=1.0)  # an abort's connection_lost comes next turn
+            for waiter in closed:
+                waiter.cancel()
         for server in self._servers:
             await server.wait_closed()
         for path in self._unix_paths:

@@ -2,6 +2,7 @@
 
 import json
 import signal
+import socket
 import subprocess
 
 import pytest
@@ -165,3 +166,16 @@ for i in range(512):
 """)
     finally:
         assert stop(process) == 0
+
+
+def test_sigterm_ends_the_linger_of_a_client_that_never_closes(tmp_path):
+    """After its last reply the server half-closes and waits for the client to close;
+    one that never does is cut off after ``shutdown_linger``, and the server exits."""
+    sock = tmp_path / "s.sock"
+    process, _ = serve(tmp_path, "--size", "64M", "--listen", f"unix://{sock}")
+    with socket.socket(socket.AF_UNIX) as client:
+        client.connect(str(sock))
+        assert client.recv(18).startswith(b"NBDMAGIC")
+        assert stop(process) == 0
+        client.settimeout(30)
+        assert client.recv(1) == b""
