@@ -66,7 +66,10 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         command = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
-                   "--save", "", "--appendonly", "yes", "--dir", str(self.workdir),
+                   # appendfsync always: with everysec, Redis may hold the AOF write
+                   # back for up to 2 s while an fsync is slow, and a SIGKILL then loses
+                   # writes it had acknowledged (seen under load in the outage tests).
+                   "--save", "", "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.workdir),
                    "--maxmemory-policy", "noeviction", "--daemonize", "no",
                    "--logfile", str(self.workdir / "redis.log"), *self.extra]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
