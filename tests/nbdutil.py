@@ -12,6 +12,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from nbdswap.admin import socket_path
+
 #: The Debian clients are scripts of the system Python (python3-libnbd), not of
 #: the test venv: put the system directories first when running them.
 SYSTEM_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
@@ -49,6 +51,9 @@ class ServerProcess:
         log.close()
         wait_for_unix_socket(self.socket, self.process, self.log_path)
         self._wait_until_serving(command.count("--listen"), log_start)
+        # The admin socket (status, drain) comes last; after a SIGKILL the old file is
+        # still there and refuses connections until the new server binds it.
+        wait_for_unix_socket(socket_path(self.state_dir), self.process, self.log_path)
         return self
 
     def _wait_until_serving(self, addresses: int, log_start: int, timeout: float = 30) -> None:
