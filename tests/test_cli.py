@@ -145,6 +145,8 @@ def test_sigterm_finishes_in_flight_writes_then_exits(tmp_path, size, budget):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={"PATH": "/usr/bin:/bin"})
     assert writer.stdout.readline().strip() == b"queued"
     assert stop(process) == 0
+    went_over_budget = b"above --max-in-flight" in process.stdout.read()
+    assert went_over_budget == (budget == "4K"), "the deferred case must defer, the other not"
     out, err = writer.communicate(timeout=60)
     answers = {int(i): answer for i, answer in json.loads(out).items()}
     acknowledged = sorted(i for i, answer in answers.items() if answer == "ok")
