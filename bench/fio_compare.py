@@ -9,8 +9,10 @@ Starts three servers on Unix sockets in a temporary directory:
 
 prefills each (compressible data unless ``--prefill random``), then runs ``fio --ioengine=nbd`` 4 KiB jobs
 (randwrite/randread x QD1/QD32 x one/two connections), alternating between the servers
-for every job so that background load hits all of them alike.  For each run it records
-IOPS, p50/p99 completion latency and the server's CPU time per operation (utime+stime
+for every job so that background load hits all of them alike.  The QD32 jobs then run
+once more, each right after a fresh prefill of random data: the condition of the
+issue's nbdkit zstd reference (``--random-prefill-iodepth`` chooses which, or none).
+For each run it records IOPS, p50/p99 completion latency and the server's CPU time per operation (utime+stime
 of /proc/PID/stat before and after the fio run), then prints the table and the ratios
 nbdswap/nbdkit-zstd and nbdswap/nbdkit-malloc.  Numbers are only comparable inside one
 run.  With ``--vm`` (root, QEMU, the VM image of ``make vm-image``) it also boots the
@@ -141,10 +143,14 @@ class Job:
     rw: str  # randwrite | randread
     iodepth: int
     conns: int
+    #: ``random``: the job runs right after its own prefill of random data, so every
+    #: server starts it from the same state (a write job makes the span compressible).
+    prefill: str = "compressible"
 
     @property
     def label(self) -> str:
-        return f"{self.rw} QD{self.iodepth} x{self.conns}"
+        label = f"{self.rw} QD{self.iodepth} x{self.conns}"
+        return label if self.prefill == "compressible" else f"{label}, {self.prefill} prefill"
 
 
 @dataclass
@@ -212,16 +218,17 @@ def run_job(server: Server, job: Job, span: str, runtime: float) -> Result:
 
 
 def fmt_table(table: Table, jobs: list[Job]) -> str:
-    lines = [f"{'job':<20} {'server':<14} {'IOPS':>9} {'p50 us':>8} {'p99 us':>8} {'CPU us/op':>10}"]
+    width = max(20, *(len(job.label) for job in jobs))
+    lines = [f"{'job':<{width}} {'server':<14} {'IOPS':>9} {'p50 us':>8} {'p99 us':>8} {'CPU us/op':>10}"]
     for job in jobs:
         for name in SERVERS:
             r = table.median(job, name)
             if r is not None:
-                lines.append(f"{job.label:<20} {name:<14} {r.iops:>9.0f} {r.p50_us:>8.1f} "
+                lines.append(f"{job.label:<{width}} {name:<14} {r.iops:>9.0f} {r.p50_us:>8.1f} "
                              f"{r.p99_us:>8.1f} {r.cpu_us_per_op:>10.1f}")
         lines.append("")
     lines.append("ratios nbdswap / reference (IOPS: higher is better; CPU/op: lower is better)")
-    lines.append(f"{'job':<20} {'IOPS/zstd':>10} {'IOPS/malloc':>12} {'CPU/zstd':>9} {'CPU/malloc':>11}")
+    lines.append(f"{'job':<{width}} {'IOPS/zstd':>10} {'IOPS/malloc':>12} {'CPU/zstd':>9} {'CPU/malloc':>11}")
     for job in jobs:
         s, z, m = (table.median(job, n) for n in SERVERS)
         if s is None:
@@ -230,7 +237,7 @@ def fmt_table(table: Table, jobs: list[Job]) -> str:
         def ratio(a: float, b: float | None) -> str:
             return f"{a / b:.2f}" if b else "-"
 
-        lines.append(f"{job.label:<20} {ratio(s.iops, z and z.iops):>10} {ratio(s.iops, m and m.iops):>12} "
+        lines.append(f"{job.label:<{width}} {ratio(s.iops, z and z.iops):>10} {ratio(s.iops, m and m.iops):>12} "
                      f"{ratio(s.cpu_us_per_op, z and z.cpu_us_per_op):>9} "
                      f"{ratio(s.cpu_us_per_op, m and m.cpu_us_per_op):>11}")
     return "\n".join(lines)
@@ -289,7 +296,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--span", default="256M", help="working set: the region prefilled and accessed (default 256M)")
     p.add_argument("--prefill", choices=("compressible", "random"), default="compressible",
                    help="data of the prefill: the jobs' compressible buffers (default; like swapped memory) "
-                   "or fio's random buffers")
+                   "or fio's random buffers (then before every job)")
     p.add_argument("--ram-max", default="1G", help="nbdswap --ram-max (must hold the working set)")
     p.add_argument("--nbdswap-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for nbdswap serve (repeatable), e.g. --nbdswap-arg=--log-level=warning")
@@ -297,6 +304,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rw", default="randwrite,randread")
     p.add_argument("--iodepth", default="1,32")
     p.add_argument("--conns", default="1,2", help="connections (fio numjobs)")
+    p.add_argument("--random-prefill-iodepth", default="32", metavar="QD[,QD...]",
+                   help="repeat the jobs of these queue depths, each after a fresh prefill of random data "
+                   "(the issue's reference condition for nbdkit zstd; default 32, '' for none; "
+                   "skipped with --prefill random)")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write every result here")
     p.add_argument("--vm", action="store_true",
                    help="also run the VM swap test against nbdkit memory and nbdswap (root, QEMU)")
@@ -317,8 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{tool} is not installed (make deps)", file=sys.stderr)
             return 2
     names = [n for n in args.servers.split(",") if n]
-    jobs = [Job(rw, int(qd), int(c)) for rw in args.rw.split(",") for qd in args.iodepth.split(",")
-            for c in args.conns.split(",")]
+    jobs = make_jobs(args)
     workdir = Path(tempfile.mkdtemp(prefix="nbdswap-bench-"))
     servers = make_servers(workdir, args.size, args.ram_max, args.nbdswap_arg)
     table = Table()
@@ -332,6 +342,17 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def make_jobs(args: argparse.Namespace) -> list[Job]:
+    """The job matrix after the common prefill, then the random-prefill repeats."""
+    matrix = [(rw, int(qd), int(c)) for rw in args.rw.split(",") for qd in args.iodepth.split(",")
+              for c in args.conns.split(",")]
+    jobs = [Job(rw, qd, c, args.prefill) for rw, qd, c in matrix]
+    if args.prefill == "compressible":
+        repeated = {int(qd) for qd in args.random_prefill_iodepth.split(",") if qd}
+        jobs += [Job(rw, qd, c, "random") for rw, qd, c in matrix if qd in repeated]
+    return jobs
+
+
 def _main(args, names, jobs, workdir, servers, table) -> int:
     print(f"# {machine()}", flush=True)
     print(f"# runtime {args.runtime:g} s per job, span {args.span}, {args.prefill} prefill, "
@@ -340,20 +361,24 @@ def _main(args, names, jobs, workdir, servers, table) -> int:
     try:
         for name in names:
             servers[name].start()
-        for name in names:
-            t0 = time.monotonic()
-            prefill(servers[name], args.span, args.prefill, timeout=600)
-            print(f"# prefilled {name} in {time.monotonic() - t0:.1f} s", flush=True)
         step = 0
         for _ in range(args.rounds):
+            # Every round starts from the compressible prefill (the last round's
+            # random-prefill jobs left random data behind).
+            for name in names if any(job.prefill == "compressible" for job in jobs) else ():
+                t0 = time.monotonic()
+                prefill(servers[name], args.span, "compressible", timeout=600)
+                print(f"# prefilled {name} in {time.monotonic() - t0:.1f} s", flush=True)
             for job in jobs:
                 # Rotate the order so no server always runs first (or right after another).
                 order = names[step % len(names):] + names[:step % len(names)]
                 step += 1
                 for name in order:
+                    if job.prefill == "random":
+                        prefill(servers[name], args.span, "random", timeout=600)
                     r = run_job(servers[name], job, args.span, args.runtime)
                     table.add(job, name, r)
-                    print(f"{job.label:<20} {name:<14} {r.iops:>9.0f} IOPS  p50 {r.p50_us:7.1f} us  "
+                    print(f"{job.label:<36} {name:<14} {r.iops:>9.0f} IOPS  p50 {r.p50_us:7.1f} us  "
                           f"p99 {r.p99_us:8.1f} us  CPU {r.cpu_us_per_op:6.1f} us/op", flush=True)
         for name in names:
             log = servers[name].log_path.read_text(errors="replace")

@@ -107,8 +107,24 @@ def test_corpus_rejects_partial_pages(tmp_path: Path) -> None:
 
 def test_fio_compare_help() -> None:
     text = run(str(BENCH / "fio_compare.py"), "--help", timeout=60)
-    for option in ("--runtime", "--quick", "--vm"):
+    for option in ("--runtime", "--quick", "--vm", "--random-prefill-iodepth"):
         assert option in text
+
+
+def test_fio_compare_repeats_the_qd32_jobs_after_a_random_prefill() -> None:
+    """The issue's nbdkit zstd reference was measured over random data: the default
+    run repeats the QD32 jobs under that condition, after the compressible matrix."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import fio_compare
+    finally:
+        sys.path.remove(str(BENCH))
+    jobs = fio_compare.make_jobs(fio_compare.parse_args([]))
+    labels = [job.label for job in jobs]
+    assert labels[:8] == [f"{rw} QD{qd} x{c}" for rw in ("randwrite", "randread") for qd in (1, 32) for c in (1, 2)]
+    assert labels[8:] == [f"{rw} QD32 x{c}, random prefill" for rw in ("randwrite", "randread") for c in (1, 2)]
+    assert all(job.prefill == "compressible" for job in fio_compare.make_jobs(fio_compare.parse_args(["--random-prefill-iodepth="])))
+    assert all(job.prefill == "random" for job in fio_compare.make_jobs(fio_compare.parse_args(["--prefill", "random"])))
 
 
 def test_swap_locality_help() -> None:
