@@ -77,6 +77,9 @@ class AdminServer:
             result = handler(request)
             if asyncio.iscoroutine(result):
                 result = await result
+        except ValueError as error:  # the operator asked for something invalid or impossible
+            log.info("admin command %s refused: %s", request.get("command"), error)
+            return {"ok": False, "error": str(error)}
         except Exception as error:  # noqa: BLE001 - reported to the admin client
             log.exception("admin command %s failed", request.get("command"))
             return {"ok": False, "error": str(error)}

@@ -1,4 +1,8 @@
-"""The ``nbdswap`` command: ``serve`` the device, ``status`` of a running server."""
+"""nbdswap: a tiered swap device over NBD.
+
+``serve`` the device; ``status``, ``drain``, ``undrain`` and ``policy`` talk to a running
+server; ``attach`` and ``detach`` connect /dev/nbdN to one (inside the guest).
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,13 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
 
 from . import __version__, admin
-from .config import ConfigError, ServeConfig
+from .config import LOG_LEVELS, ConfigError, ServeConfig
 from .resident import stay_resident
 
 log = logging.getLogger("nbdswap")
@@ -32,7 +37,7 @@ def _add_serve(subparsers) -> None:
     serve.add_argument("--ram-max", help="compressed RAM tier capacity, e.g. 1G (0 disables it)")
     serve.add_argument("--disk-max", help="disk tier capacity, e.g. 8G (0 disables it)")
     serve.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus /metrics here")
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-level", choices=LOG_LEVELS, help="default info")
     _add_security_flags(serve)
     _add_remote_flags(serve)
     serve.add_argument("--policy", dest="policy_set", action="append", metavar="KEY=VALUE",
@@ -98,7 +103,7 @@ def _add_security_flags(serve) -> None:
 
 def _add_status(subparsers) -> None:
     status = subparsers.add_parser("status", help="show what a running server holds")
-    status.add_argument("--state-dir", type=Path, default=Path("var"))
+    _add_state_dir(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
                         help="sample twice this far apart to show recent rates (0: totals only)")
@@ -125,14 +130,22 @@ def _add_attach(subparsers) -> None:
     detach.set_defaults(run=_cmd_detach)
 
 
+def _add_state_dir(parser) -> None:
+    """The ``--state-dir`` of the commands that talk to a running server."""
+    parser.add_argument("--state-dir", type=Path, default=Path("var"),
+                        help="the server's state directory, which holds its admin socket (default ./var)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nbdswap", description=__doc__)
+    parser = argparse.ArgumentParser(prog="nbdswap", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"nbdswap {__version__}")
     subparsers = parser.add_subparsers(required=True, metavar="COMMAND")
     _add_serve(subparsers)
     _add_status(subparsers)
     _add_attach(subparsers)
     _add_policy_commands(subparsers)
+    _add_wipe(subparsers)
     return parser
 
 
@@ -155,7 +168,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     config = ServeConfig.load(args.config, overrides)
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config.state_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock_state_dir(config.state_dir)
     try:
         # The server may back swap on its own host: it must not deadlock under memory
@@ -169,8 +181,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _lock_state_dir(state_dir: Path):
-    """One server per state dir: two would hand out the same tier slots."""
-    handle = open(state_dir / "lock", "a+")
+    """Create the state dir if needed and lock it: one server per state dir, since two
+    would hand out the same tier slots."""
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(state_dir / "lock", "a+")
+    except OSError as error:
+        raise ConfigError(f"state dir {state_dir}: {error.strerror or error}") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -215,6 +232,9 @@ async def _serve(config: ServeConfig) -> None:
                            disk_max=config.disk_max, remote=config.remote_settings())
     except StateDirError as error:
         raise ConfigError(str(error)) from None
+    except OSError as error:
+        where = error.filename or config.state_dir
+        raise ConfigError(f"cannot open the store in {config.state_dir}: {where}: {error.strerror or error}") from None
     device = BlockDevice(store, config.export, config.size, config.description)
     server = NBDServer(device, policy)
     engine = Policy(store, config.policy_settings())
@@ -234,6 +254,8 @@ async def _serve(config: ServeConfig) -> None:
     metrics = None
     try:
         engine.start()
+        if config.metrics:
+            metrics = _serve_metrics(config.metrics, device, store, server, engine)
         for address in config.listen_addresses:
             try:
                 await server.listen(address)
@@ -242,11 +264,9 @@ async def _serve(config: ServeConfig) -> None:
             print(f"nbdswap: serving export {config.export!r} ({config.size} bytes) on {address}",
                   flush=True)
         await admin_server.start()
-        if config.metrics:
-            from .metrics import MetricsEndpoint
-            metrics = MetricsEndpoint(config.metrics, device, store, server, engine)
-            print(f"nbdswap: metrics on http://{config.metrics}/metrics", flush=True)
+        notify_systemd("READY=1")
         await stop.wait()
+        notify_systemd("STOPPING=1")
         log.info("shutting down: finishing in-flight requests")
     finally:
         await server.shutdown()
@@ -256,6 +276,74 @@ async def _serve(config: ServeConfig) -> None:
         await admin_server.stop()
         await store.close()
     log.info("stopped")
+
+
+def _serve_metrics(address: str, device, store, server, engine):
+    """Start ``/metrics`` before the NBD listeners: a busy port is then a start-up error
+    rather than a failure after clients were told the device is served."""
+    from .metrics import MetricsEndpoint
+
+    try:
+        metrics = MetricsEndpoint(address, device, store, server, engine)
+    except OSError as error:
+        raise ConfigError(f"cannot serve metrics on {address}: {error.strerror or error}") from None
+    print(f"nbdswap: metrics on http://{address}/metrics", flush=True)
+    return metrics
+
+
+def notify_systemd(state: str) -> None:
+    """Tell systemd (``Type=notify`` units) ``READY=1`` once every socket accepts, so that
+    units ordered after this one start when the device can be reached; a no-op outside
+    systemd.  The protocol is one datagram to ``$NOTIFY_SOCKET`` (sd_notify(3))."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # an abstract socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as notify:
+            notify.sendto(state.encode(), address)
+    except OSError as error:
+        log.warning("cannot notify systemd (%s): %s", state, error)
+
+
+# --- wipe ----------------------------------------------------------------------
+
+
+def _add_wipe(subparsers) -> None:
+    wipe = subparsers.add_parser(
+        "wipe", help="delete a stopped server's device: its block map, disk tier and RAM arena")
+    _add_state_dir(wipe)
+    wipe.set_defaults(run=_cmd_wipe)
+
+
+def _cmd_wipe(args: argparse.Namespace) -> int:
+    """The RAM arena outlives the server on purpose (a restart keeps RAM blocks), so
+    retiring a device needs this to give its memory back.  Only nbdswap's own files are
+    removed; the map goes first, so an interrupted wipe never leaves a map whose RAM
+    blocks read as lost."""
+    from .blockmap import MAP_FILE
+    from .store import STATE_DIR_FILES
+    from .tiers.disk import DISK_FILE
+    from .tiers.ram import arena_path
+
+    state_dir, arena = args.state_dir, arena_path(args.state_dir)
+    if state_dir.is_dir():
+        lock = _lock_state_dir(state_dir)
+        try:
+            for name in (MAP_FILE, DISK_FILE, *STATE_DIR_FILES):
+                (state_dir / name).unlink(missing_ok=True)
+        finally:
+            lock.close()
+    arena.unlink(missing_ok=True)
+    try:
+        state_dir.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError:
+        print(f"nbdswap: kept {state_dir}: it holds files that are not nbdswap's", file=sys.stderr)
+    print(f"nbdswap: wiped the device of {state_dir} (block map, disk tier, RAM arena {arena})")
+    return 0
 
 
 # --- attach / detach -----------------------------------------------------------
@@ -309,22 +397,22 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _add_policy_commands(subparsers) -> None:
     drain = subparsers.add_parser("drain", help="move every block off a tier while I/O goes on")
     drain.add_argument("tier", choices=["ram", "disk", "remote"])
-    drain.add_argument("--state-dir", type=Path, default=Path("var"))
+    _add_state_dir(drain)
     drain.add_argument("--no-wait", action="store_true", help="start the drain and return")
     drain.set_defaults(run=_cmd_drain)
     undrain = subparsers.add_parser("undrain", help="let a drained tier take new blocks again")
     undrain.add_argument("tier", choices=["ram", "disk", "remote"])
-    undrain.add_argument("--state-dir", type=Path, default=Path("var"))
+    _add_state_dir(undrain)
     undrain.set_defaults(run=lambda args: _print_json(admin.request(args.state_dir, "undrain", tier=args.tier)))
     policy = subparsers.add_parser("policy", help="show or change the running server's policy")
     actions = policy.add_subparsers(required=True, metavar="ACTION")
     show = actions.add_parser("show", help="print every policy setting")
-    show.add_argument("--state-dir", type=Path, default=Path("var"))
+    _add_state_dir(show)
     show.set_defaults(run=lambda args: _print_json(admin.request(args.state_dir, "policy_show")["settings"]))
     change = actions.add_parser("set", help="change one setting until the server stops")
     change.add_argument("key")
     change.add_argument("value")
-    change.add_argument("--state-dir", type=Path, default=Path("var"))
+    _add_state_dir(change)
     change.set_defaults(run=lambda args: _print_json(
         admin.request(args.state_dir, "policy_set", key=args.key, value=args.value)["settings"]))
 

@@ -13,12 +13,42 @@ from .addresses import ListenAddress
 
 DEFAULT_LISTEN = "tcp://127.0.0.1:10809"
 TLS_MODES = ("off", "on", "require")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 class ConfigError(ValueError):
     """A setting is missing, malformed or contradicts another."""
+
+
+_TEXT, _SIZE_VALUE, _SECONDS, _COUNT = (str,), (int, str), (int, float), (int,)
+_TEXTS = (str, list)  # one string or a list of them
+#: The TOML types each setting of a config file may have (flags are typed by argparse).
+FILE_TYPES: dict[str, tuple[type, ...]] = {
+    "listen": _TEXTS, "export": _TEXT, "description": _TEXT, "size": _SIZE_VALUE,
+    "state_dir": _TEXT, "ram_max": _SIZE_VALUE, "disk_max": _SIZE_VALUE, "metrics": _TEXT,
+    "log_level": _TEXT, "handshake_timeout": _SECONDS, "max_option_length": _SIZE_VALUE,
+    "max_connections": _COUNT, "max_connections_per_peer": _COUNT, "max_in_flight": _SIZE_VALUE,
+    "allow": _TEXTS, "socket_mode": (int, str), "socket_group": (str, int), "tls": _TEXT,
+    "tls_cert": _TEXT, "tls_key": _TEXT, "tls_ca": _TEXT, "tls_verify_peer": (bool,),
+    "remote": _TEXT, "remote_max": _SIZE_VALUE, "remote_pool": _COUNT, "remote_timeout": _SECONDS,
+    "remote_command_timeout": _SECONDS, "remote_retry_interval": _SECONDS, "remote_prefix": _TEXT,
+    "policy": (dict,), "policy_set": (list,),
+}
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+               list: "a list of strings", dict: "a table"}
+
+
+def check_file_types(values: dict, path: Path | None) -> None:
+    """Refuse a config file value of the wrong TOML type with one line naming the key
+    (``size = 64.5``, ``listen = 5``, ``export = 5`` would otherwise fail deep inside)."""
+    for key, value in values.items():
+        allowed = FILE_TYPES[key]
+        wrong_type = not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed)
+        if wrong_type or (isinstance(value, list) and not all(isinstance(item, str) for item in value)):
+            expected = " or ".join(_TYPE_NAMES[kind] for kind in allowed)
+            raise ConfigError(f"{path}: {key.replace('_', '-')} must be {expected}, not {value!r}")
 
 
 def parse_size(value: str | int) -> int:
@@ -119,6 +149,7 @@ class ServeConfig:
         unknown = set(values) - known
         if unknown:
             raise ConfigError(f"unknown settings in {path}: {', '.join(sorted(unknown))}")
+        check_file_types(values, path)
         values.update({key: value for key, value in overrides.items() if value is not None})
         config = cls(**values)
         config._normalise()
@@ -145,6 +176,8 @@ class ServeConfig:
             raise ConfigError("at least one tier needs space (--ram-max, --disk-max or --remote)")
         if self.metrics is not None:
             parse_host_port(self.metrics)
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"log-level must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}")
         self._normalise_limits()
         self._normalise_access()
         self._normalise_tls()

@@ -252,8 +252,8 @@ class Policy:
             raise PolicyError(f"cannot drain {tier}: no other tier would take new blocks; nothing was changed")
         needed, free = source.used_bytes, self._free_bytes_outside(tier)
         if needed > free:
-            raise PolicyError(f"cannot drain {tier}: its blocks need {needed} bytes, the other tiers "
-                              f"have {free} free; nothing was changed")
+            raise PolicyError(f"cannot drain {tier}: its blocks need {needed / 2**20:.1f} MiB, the other "
+                              f"tiers have {free / 2**20:.1f} MiB free; nothing was changed")
         self.store.set_draining(tier, True)
         self._drains[tier] = Drain(tier, source.blocks)
         self._wake.set()

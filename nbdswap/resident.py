@@ -20,6 +20,7 @@ MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
 PR_SET_IO_FLUSHER = 57
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_io_flusher_warned = False
 
 
 def lock_memory(on_fault: bool) -> bool:
@@ -42,9 +43,14 @@ def lock_memory(on_fault: bool) -> bool:
 
 
 def mark_io_flusher() -> bool:
-    """PR_SET_IO_FLUSHER for the calling thread (call it in every thread doing I/O)."""
+    """PR_SET_IO_FLUSHER for the calling thread (call it in every thread doing I/O).  A
+    failure is logged once per process: every I/O thread would fail the same way."""
+    global _io_flusher_warned
     if _libc.prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0:
-        log.warning("PR_SET_IO_FLUSHER failed: %s", os.strerror(ctypes.get_errno()))
+        if not _io_flusher_warned:
+            _io_flusher_warned = True
+            log.warning("PR_SET_IO_FLUSHER failed: %s (logged once; every I/O thread tries)",
+                        os.strerror(ctypes.get_errno()))
         return False
     return True
 

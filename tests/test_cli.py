@@ -1,6 +1,7 @@
 """The command line: listening addresses, config file, clear start-up errors, SIGTERM."""
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -98,6 +99,129 @@ def test_foreign_state_dir_is_refused(tmp_path):
     assert result.returncode == 2
     assert b"not an nbdswap state directory" in result.stderr
     assert b"Traceback" not in result.stderr
+
+
+def refused(tmp_path, *args) -> str:
+    """``nbdswap serve`` that must refuse to start: its one-line error (exit 2), the last
+    line of its output (start-up log lines may come before it)."""
+    result = subprocess.run(nbdswap_command() + ["serve", "--size", "64M",
+                            "--listen", f"unix://{tmp_path / 's.sock'}", *args],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and "serving" not in result.stdout, result.stdout + result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("nbdswap: "), result.stderr
+    return last
+
+
+def test_a_state_dir_that_cannot_be_made_is_a_one_line_error(tmp_path):
+    (tmp_path / "file").write_text("a file, not a directory")
+    assert "File exists" in refused(tmp_path, "--state-dir", str(tmp_path / "file"))
+    assert "Not a directory" in refused(tmp_path, "--state-dir", str(tmp_path / "file" / "state"))
+
+
+def test_a_busy_metrics_port_is_a_start_up_error_before_any_listener(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        line = refused(tmp_path, "--state-dir", str(tmp_path / "state"), "--metrics", f"127.0.0.1:{port}")
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in line
+    assert not (tmp_path / "s.sock").exists()
+
+
+@pytest.mark.parametrize("setting,key", [
+    ("listen = 5", "listen"), ("size = 64.5", "size"), ('policy = "x"', "policy"),
+    ("export = 5", "export"), ("max-connections = true", "max-connections"),
+    ('allow = ["10.0.0.0/8", 7]', "allow"), ("tls-verify-peer = 1", "tls-verify-peer"),
+])
+def test_config_values_of_the_wrong_type_name_their_key(tmp_path, setting, key):
+    config = tmp_path / "nbdswap.toml"
+    config.write_text(setting + "\n")
+    line = refused(tmp_path, "--state-dir", str(tmp_path / "state"), "--config", str(config))
+    assert f"{config}: {key} must be" in line
+
+
+def test_log_level_from_a_config_file_is_one_of_the_flag_choices(tmp_path):
+    config = tmp_path / "nbdswap.toml"
+    config.write_text('log-level = "verbose"\n')
+    assert "log-level must be one of debug, info, warning, error" in refused(
+        tmp_path, "--state-dir", str(tmp_path / "state"), "--config", str(config))
+
+
+def test_every_setting_has_a_config_file_type():
+    from dataclasses import fields
+
+    from nbdswap.config import FILE_TYPES
+
+    assert set(FILE_TYPES) == {field.name for field in fields(ServeConfig)}
+
+
+def test_systemd_is_told_ready_once_the_sockets_accept_and_stopping_on_sigterm(tmp_path):
+    sock = tmp_path / "s.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(tmp_path / "notify"))
+        notify.settimeout(60)
+        process = subprocess.Popen(
+            nbdswap_command() + ["serve", "--state-dir", str(tmp_path / "state"), "--size", "64M",
+                                 "--listen", f"unix://{sock}"],
+            env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert notify.recv(4096) == b"READY=1"
+            with socket.socket(socket.AF_UNIX) as client:
+                client.connect(str(sock))
+                assert client.recv(8) == b"NBDMAGIC"
+            assert subprocess.run(nbdswap_command() + ["status", "--state-dir", str(tmp_path / "state"),
+                                  "--json"], capture_output=True, timeout=30).returncode == 0
+            process.send_signal(signal.SIGTERM)
+            assert notify.recv(4096) == b"STOPPING=1"
+        finally:
+            assert stop(process) == 0
+
+
+def test_a_refused_admin_command_is_one_log_line_not_a_traceback(tmp_path):
+    process, _ = serve(tmp_path, "--size", "64M", "--ram-max", "8M", "--disk-max", "0",
+                       "--listen", f"unix://{tmp_path / 's.sock'}")
+    try:
+        for command in (["policy", "set", "bogus", "1"], ["drain", "remote"]):
+            result = subprocess.run(nbdswap_command() + [*command, "--state-dir", str(tmp_path / "state")],
+                                    capture_output=True, text=True, timeout=30)
+            assert result.returncode == 2 and result.stderr.startswith("nbdswap: "), result.stderr
+    finally:
+        assert stop(process) == 0
+    log = process.stdout.read().decode()
+    assert "Traceback" not in log and "ERROR" not in log, log
+    assert log.count("refused") == 2, log
+
+
+def test_wipe_gives_a_stopped_devices_memory_and_files_back(tmp_path):
+    from nbdswap.tiers.ram import arena_path
+
+    state = tmp_path / "state"
+    sock = tmp_path / "s.sock"
+    args = ("--size", "64M", "--ram-max", "8M", "--disk-max", "64M", "--listen", f"unix://{sock}")
+    wipe = nbdswap_command() + ["wipe", "--state-dir", str(state)]
+    process, _ = serve(tmp_path, *args)
+    try:
+        nbdsh(f"nbd+unix:///swap?socket={sock}", "h.pwrite(b'w' * 8192, 0)")
+        busy = subprocess.run(wipe, capture_output=True, text=True, timeout=30)
+        assert busy.returncode == 2 and "another nbdswap server" in busy.stderr
+    finally:
+        assert stop(process) == 0
+    assert arena_path(state).exists() and (state / "disk.dat").exists()
+    (state / "notes.txt").write_text("the operator's")
+    subprocess.run(wipe, check=True, capture_output=True, timeout=30)
+    assert not arena_path(state).exists()
+    assert [entry.name for entry in state.iterdir()] == ["notes.txt"]
+    (state / "notes.txt").unlink()
+    process, _ = serve(tmp_path, *args)
+    try:
+        nbdsh(f"nbd+unix:///swap?socket={sock}", "assert h.pread(8192, 0) == bytes(8192)")
+    finally:
+        assert stop(process) == 0
+    subprocess.run(wipe, check=True, capture_output=True, timeout=30)
+    assert not state.exists() and not arena_path(state).exists()
 
 
 def test_status_without_a_server_says_so(tmp_path):
