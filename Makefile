@@ -15,21 +15,23 @@ VM_DIR := build/vm
 # (binutils' strip for their images, e2fsprogs for the local guest's disk),
 # Redis for the remote tier, Prometheus (promtool) for the metrics, openssl for
 # TLS certificates, systemd for systemd-analyze.
-APT_PACKAGES := python3-venv libnbd-bin python3-libnbd qemu-utils nbdkit nbd-client fio \
+# `make run` needs only the first (Debian 12's python3 lacks venv without it).
+RUN_PACKAGES := python3-venv
+APT_PACKAGES := $(RUN_PACKAGES) libnbd-bin python3-libnbd qemu-utils nbdkit nbd-client fio \
 	qemu-system-x86 busybox-static cpio kmod iproute2 gcc libc6-dev binutils e2fsprogs \
 	redis-server redis-tools prometheus python3-yaml openssl systemd \
 	ca-certificates procps
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test bench deps venv vm-image clean
+.PHONY: run test bench deps run-deps venv test-venv vm-image clean clean-state
 
-run: venv
+run: run-deps venv
 	mkdir -p $(STATE_DIR)
 	$(VENV)/bin/nbdswap serve --listen $(LISTEN) --export swap --size $(SIZE) \
 		--state-dir $(STATE_DIR) --ram-max $(RAM_MAX) --disk-max $(DISK_MAX)
 
-test: deps venv vm-image
+test: deps test-venv vm-image
 	NBDSWAP_VM_DIR=$(VM_DIR) $(VPY) -m pytest -ra
 
 # Benchmarks against nbdkit in the same run (bench/RESULTS.md); BENCH_ARGS=--quick
@@ -37,20 +39,35 @@ test: deps venv vm-image
 bench: deps venv
 	$(VPY) bench/fio_compare.py $(BENCH_ARGS)
 
+# The server's own dependencies; test-venv adds pytest, hypothesis and atheris.
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q -e .
+	touch $@
+
+test-venv: $(VENV)/.installed-test
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(VPY) -m pip install -q -e '.[test]'
 	touch $@
 
-deps:
-	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+# Installs the Debian packages of $(1) that are missing.
+define apt_install
+	@missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:" $$missing; \
 		$(SUDO) apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $$missing; \
 	fi
+endef
+
+deps:
+	$(call apt_install,$(APT_PACKAGES))
+
+run-deps:
+	$(call apt_install,$(RUN_PACKAGES))
 
 # The venv too: the local guest runs nbdswap serve with the venv's dependencies.
 vm-image: deps venv
@@ -58,3 +75,9 @@ vm-image: deps venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Removes the device's data: the block map and disk tier in $(STATE_DIR) and the RAM
+# tier's arena in /dev/shm (kept across restarts by design, so that RAM blocks survive
+# one).  Refused while a server uses the state dir.
+clean-state: venv
+	$(VENV)/bin/nbdswap wipe --state-dir $(STATE_DIR)
