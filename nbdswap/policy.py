@@ -54,6 +54,10 @@ log = logging.getLogger(__name__)
 PROMOTE_RULES = ("always", "second", "never")
 #: Map entries the CLOCK hand or a drain scan looks at per batch (bounds loop stalls).
 SCAN_LIMIT = 256
+#: What looking at one map entry costs the ``moves_per_second`` budget, in moves: a scan
+#: that finds nothing to move goes on at once, at most 16 entries per move's worth of
+#: budget (32k entries a second at the default rate).
+SCAN_COST = 1 / 16
 #: Reads remembered for the ``second`` promotion rule, and promotions queued.
 RECENT_READS_LIMIT = 65536
 PROMOTION_QUEUE_LIMIT = 4096
@@ -184,6 +188,10 @@ class Drain:
     state: str = "draining"  # draining | drained | stopped
     error: str | None = None
     started: float = dataclasses.field(default_factory=time.monotonic)
+    #: Tiers a move of this drain found full: the rest of the drain goes elsewhere (the
+    #: room of each target is checked when a batch is chosen, but the batch's moves and
+    #: their grouped companions then compete for it).
+    full: set[str] = dataclasses.field(default_factory=set)
 
     def report(self, remaining: int) -> dict:
         elapsed = max(time.monotonic() - self.started, 1e-6)
@@ -210,13 +218,15 @@ class Policy:
         self._drains: dict[str, Drain] = {}
         self._history: deque[tuple[float, Counter]] = deque()
         self._stalled: Counter[str] = Counter()  # demotions that found no room below
+        self._blocked: set[str] = set()  # tiers whose demotion found no room this step
+        self._scanned = 0  # map entries looked at, for the budget
         self._tokens = 0.0
         self._refilled = time.monotonic()
         store.on_slow_read = self._slow_read
         self.apply()
         for name in store.tier_names():
             if store.tier(name).tier_id in store.draining:
-                self._drains[name] = Drain(name, store.tier(name).blocks)
+                self._drains[name] = Drain(name, store.tier_blocks(name))
 
     # --- control ---------------------------------------------------------------------
 
@@ -247,7 +257,7 @@ class Policy:
         """Start draining ``tier``; :class:`PolicyError` if the others cannot take its blocks."""
         source = self._configured(tier)
         if tier in self._drains and self._drains[tier].state != "stopped":
-            return self._drains[tier].report(source.blocks)
+            return self._drains[tier].report(self.store.tier_blocks(tier))
         if not self._targets(tier, down_only=False):
             raise PolicyError(f"cannot drain {tier}: no other tier would take new blocks; nothing was changed")
         needed, free = source.used_bytes, self._free_bytes_outside(tier)
@@ -255,9 +265,9 @@ class Policy:
             raise PolicyError(f"cannot drain {tier}: its blocks need {needed / 2**20:.1f} MiB, the other "
                               f"tiers have {free / 2**20:.1f} MiB free; nothing was changed")
         self.store.set_draining(tier, True)
-        self._drains[tier] = Drain(tier, source.blocks)
+        self._drains[tier] = Drain(tier, self.store.tier_blocks(tier))
         self._wake.set()
-        return self._drains[tier].report(source.blocks)
+        return self._drains[tier].report(self._drains[tier].total_blocks)
 
     def undrain(self, tier: str) -> dict:
         self._configured(tier)
@@ -296,16 +306,23 @@ class Policy:
                     pass
 
     async def step(self) -> bool:
-        """One rate-limited batch of work; True if there may be more to do right away."""
-        await self._take_tokens()
+        """One rate-limited batch of work; True if there may be more to do right away:
+        moves ran, or a drain or demotion has more of the map to scan.  (Waiting
+        ``interval`` after each batch that only scanned made one pass over a large map
+        take minutes, while a tier stayed above its high watermark.)"""
+        scanned = self._scanned
+        self._blocked.clear()
         work = self._next_work(self.settings.batch)
-        jobs = self._jobs(work) + self._compaction_jobs()
+        jobs = self._jobs(work)
+        compactions = self._compaction_jobs()
+        await self._pay(len(work) + len(compactions) + (self._scanned - scanned) * SCAN_COST)
+        jobs += compactions
         if not jobs:
-            return False
+            return self._scanning()
         results = await asyncio.gather(*(job for _, job in jobs), return_exceptions=True)
         for (item, _), result in zip(jobs, results):
-            if isinstance(result, NoSpaceError | TierUnavailableError) and item[2] == "drain":
-                self._stop_drain(item[3], f"ran out of room while draining {item[3]}: {result}")
+            if isinstance(result, NoSpaceError | TierUnavailableError) and item[2] in ("drain", "demote"):
+                self._found_full(item, result)
             elif isinstance(result, Exception):
                 log.warning("moving block %d (%s) failed: %s", item[0], item[2], result)
         self._record(item[2] for (item, _), result in zip(jobs, results)
@@ -375,18 +392,32 @@ class Policy:
                 companions.append(block)
         return companions
 
-    async def _take_tokens(self) -> None:
-        """Wait until a batch fits the ``moves_per_second`` budget (yields to the loop)."""
-        rate, batch = self.settings.moves_per_second, self.settings.batch
+    async def _pay(self, cost: float) -> None:
+        """Charge ``cost`` moves to the ``moves_per_second`` token bucket (which holds at
+        most one batch), sleeping while it is overdrawn; yields to the loop either way."""
+        rate = self.settings.moves_per_second
         now = time.monotonic()
-        self._tokens = min(self._tokens + (now - self._refilled) * rate, batch)
+        self._tokens = min(self._tokens + (now - self._refilled) * rate, self.settings.batch) - cost
         self._refilled = now
-        if self._tokens < batch:
-            await asyncio.sleep((batch - self._tokens) / rate)
-            self._tokens, self._refilled = batch, time.monotonic()
-        else:
-            await asyncio.sleep(0)
-        self._tokens -= batch
+        await asyncio.sleep(max(-self._tokens / rate, 0))
+
+    def _scanning(self) -> bool:
+        """Whether a drain, or a demotion with room below, is part-way through the map."""
+        return any(drain.state == "draining" for drain in self._drains.values()) \
+            or bool(self._demoting - self._blocked)
+
+    def _found_full(self, item: tuple, error: Exception) -> None:
+        """A drain or demotion move found its target full (or down): the drain moves the
+        rest elsewhere, the demotion counts as stalled; neither is an error."""
+        block, target, reason, tier = item
+        if reason == "demote":
+            self._stalled[tier] += 1
+            log.debug("demoting block %d to %s: %s", block, target, error)
+            return
+        drain = self._drains.get(tier)
+        if drain is not None and target not in drain.full:
+            drain.full.add(target)
+            log.info("draining %s: %s has no room (%s); the rest goes to the other tiers", tier, target, error)
 
     async def _do(self, block: int, target: str | None, reason: str, tier: str) -> bool:
         if reason == "repack":
@@ -433,12 +464,11 @@ class Policy:
         drain = self._drains[tier]
         if drain.state != "draining":
             return
-        source = self.store.tier(tier)
-        if source.blocks == 0:
+        if self.store.tier_blocks(tier) == 0:
             drain.state = "drained"
             log.info("tier %s is drained", tier)
             return
-        targets = self._targets(tier, down_only=False)
+        targets = [name for name in self._targets(tier, down_only=False) if name not in drain.full]
         for block, entry in self._scan(tier, "drain", clock=False):
             target = None if entry is None else self._with_room(targets, _moved_length(entry))
             if entry is not None and target is None:
@@ -472,6 +502,7 @@ class Policy:
             target = None if entry is None else self._with_room(targets, _moved_length(entry))
             if entry is not None and target is None:
                 self._stalled[tier] += 1
+                self._blocked.add(tier)
                 return
             yield block, target, "demote", tier
 
@@ -521,6 +552,7 @@ class Policy:
         scanned = 0
         for block, entry in _limited(entries(self._hands.get(hand, 0)), SCAN_LIMIT):
             scanned += 1
+            self._scanned += 1
             self._hands[hand] = block + 1
             yield block, entry
         if scanned < SCAN_LIMIT:
@@ -586,7 +618,7 @@ class Policy:
             "settings": self.settings.as_dict(),
             "watermarks": {tier: self._watermark_report(tier) for tier in self.store.tier_names()
                            if tier != "remote"},
-            "drains": {tier: drain.report(self.store.tier(tier).blocks) for tier, drain in self._drains.items()},
+            "drains": {tier: drain.report(self.store.tier_blocks(tier)) for tier, drain in self._drains.items()},
             "drains_in_progress": sum(drain.state == "draining" for drain in self._drains.values()),
             "move_rates": {reason: round(count / span, 1) for reason, count in recent.items()},
             "promotions_queued": len(self._promotions),

@@ -778,6 +778,11 @@ class Store:
             **self.move_stats(),
         }
 
+    def tier_blocks(self, name: str) -> int:
+        """Blocks (clean copies included) whose data the tier holds: a grouped payload
+        counts once per block it holds, not once."""
+        return self._grouped_stats(self._tier_named(name))["blocks"]
+
     def _grouped_stats(self, tier: Tier) -> dict[str, int]:
         """``blocks`` as map references (a grouped payload holds several blocks), and the
         grouped payloads' count, references and the bytes of pages no entry uses."""

@@ -207,6 +207,23 @@ async def test_watermarks_demote_cold_blocks_and_keep_hot_ones(state_dir):
     await store.close()
 
 
+async def test_a_demotion_scan_goes_on_at_once_until_it_finds_cold_blocks(state_dir):
+    """Over its high watermark a tier's CLOCK hand must sweep the map at once: batches
+    that only scanned used to wait ``interval`` each, and demotion began minutes late."""
+    store = open_store(state_dir, ram_max=32 * SLAB_SIZE)
+    policy = Policy(store, PolicySettings(ram_high=0.5, ram_low=0.4, moves_per_second=10 ** 6))
+    for block in range(400):
+        await store.write(block * BLOCK_SIZE, page(block, "random"))  # all hot, RAM 78 % full
+    assert len(store.heat) > 400 > 256  # more than one scan batch
+    scan_only = 0
+    while not store.move_stats()["moves"]:
+        assert await policy.step(), "the engine went idle with RAM above its high watermark"
+        scan_only += 1
+    assert scan_only >= 3  # three CLOCK passes cool a just-written block
+    await run_until(policy, lambda: policy._usage("ram") < 0.4)
+    await store.close()
+
+
 async def test_cold_neighbours_are_demoted_in_one_grouped_payload(state_dir):
     store = open_store(state_dir)
     policy = Policy(store, PolicySettings(ram_high=0.02, ram_low=0.01, batch=2, moves_per_second=10 ** 6))
@@ -397,6 +414,30 @@ async def test_drain_without_room_changes_nothing(state_dir):
     assert not store.draining and store.tier("ram").blocks > 0
     with pytest.raises(PolicyError, match="no tier named"):
         policy.drain("remote")
+    await store.close()
+
+
+async def test_a_drain_whose_first_target_fills_goes_on_to_the_next(state_dir, redis):
+    """Each batch checks its targets' room before its moves compete for it; a move that
+    finds the disk full must send the rest of the drain to Redis, not stop it.  Progress
+    counts blocks, a grouped payload as the blocks it holds."""
+    from test_remote import settings
+
+    store = Store.open(state_dir, size=16 * MiB, ram_max=64 * SLAB_SIZE, disk_max=8 * SLAB_SIZE,
+                       remote=settings(redis.url))
+    policy = Policy(store, PolicySettings(batch=32, moves_per_second=10 ** 6))
+    pages = {block: page(block, "random" if block % 2 else "text") for block in range(600)}
+    for block, data in pages.items():
+        await store.write(block * BLOCK_SIZE, data)
+    assert await store.move_group(range(0, 16, 2), "ram", "regroup") == 8  # one payload, 8 blocks
+    assert policy.drain("ram")["total_blocks"] == 600  # blocks, not payloads
+    await run_until(policy, lambda: policy.stats()["drains"]["ram"]["state"] != "draining", steps=2000)
+    drain = policy.stats()["drains"]["ram"]
+    assert (drain["state"], drain["error"], drain["moved_blocks"]) == ("drained", None, 600)
+    tiers = store.stats()["tiers"]
+    assert tiers["ram"]["blocks"] == 0 and tiers["disk"]["blocks"] > 0 and tiers["remote"]["blocks"] > 0
+    for block, data in pages.items():
+        assert await store.read(block * BLOCK_SIZE, BLOCK_SIZE) == data
     await store.close()
 
 
