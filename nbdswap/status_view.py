@@ -18,8 +18,9 @@ from rich.table import Table
 BLOCK_BYTES = 4096
 #: Tier fields that have a column of their own; any others go to "details".
 TIER_COLUMNS = ("blocks", "stored_bytes", "used_bytes", "capacity_bytes")
-#: Why blocks move, in the order of the policy table's columns.
-MOVE_REASONS = ("demote", "promote", "drain", "manual")
+#: Every reason the store and the policy engine count moves under, in the order the
+#: moves table lists them; a reason not listed here still shows, after these.
+MOVE_REASONS = ("demote", "promote", "drain", "compact", "regroup", "repack", "manual")
 
 
 def show_status(status: dict, fetch: Callable[[], dict], interval: float,
@@ -121,20 +122,42 @@ def _map_line(status: dict) -> str:
             f"{status.get('lost_blocks', 0):,} lost), {_size(block_map.get('bytes', 0))} on disk")
 
 
-def _moves_table(status: dict) -> Table:
-    """Moves so far by from → to and reason, and the policy engine's recent move rates."""
-    table = Table(title="policy: blocks moved (rates over the last 10 s)", title_justify="left")
-    table.add_column("from → to")
-    for reason in MOVE_REASONS:
-        table.add_column(reason, justify="right")
-    for source, targets in status.get("moves", {}).items():
-        for target, reasons in targets.items():
-            table.add_row(f"{source} → {target}",
-                          *(f"{reasons[reason]:,}" if reason in reasons else "-" for reason in MOVE_REASONS))
+def _moves_table(status: dict) -> Table | str:
+    """Blocks moved so far, one row per reason and from → to, with the policy engine's
+    recent rate of each reason on the reason's first row (a reason with a rate but no
+    count gets a row of its own); a line instead if nothing moved yet."""
+    counts = _moves_by_reason(status.get("moves", {}))
     rates = status["policy"].get("move_rates", {})
-    table.add_row("moves/s", *(f"{rates[reason]:,.1f}" if reason in rates else "-" for reason in MOVE_REASONS),
-                  style="bold")
+    reasons = _in_reason_order(counts.keys() | rates.keys())
+    if not reasons:
+        return "policy: no blocks moved yet"
+    table = Table(title="policy: blocks moved (moves/s: last 10 s)", title_justify="left")
+    table.add_column("reason")
+    table.add_column("from → to")
+    table.add_column("blocks", justify="right", no_wrap=True)
+    table.add_column("moves/s", justify="right", no_wrap=True)
+    for reason in reasons:
+        rate = f"{rates[reason]:,.1f}" if reason in rates else "-"
+        for index, (path, count) in enumerate(counts.get(reason, {"-": "-"}).items()):
+            first = index == 0
+            table.add_row(reason if first else "", path, count, rate if first else "")
     return table
+
+
+def _moves_by_reason(moves: dict[str, dict[str, dict[str, int]]]) -> dict[str, dict[str, str]]:
+    """``{reason: {"from → to": count}}`` from the store's ``{from: {to: {reason: count}}}``."""
+    by_reason: dict[str, dict[str, str]] = {}
+    for source, targets in moves.items():
+        for target, reasons in targets.items():
+            for reason, count in reasons.items():
+                by_reason.setdefault(reason, {})[f"{source} → {target}"] = f"{count:,}"
+    return by_reason
+
+
+def _in_reason_order(reasons: set[str]) -> list[str]:
+    """``reasons`` in :data:`MOVE_REASONS` order, any the list lacks last by name."""
+    known = [reason for reason in MOVE_REASONS if reason in reasons]
+    return known + sorted(reasons - set(MOVE_REASONS))
 
 
 def _policy_line(status: dict) -> str:
