@@ -16,11 +16,14 @@ from rich.table import Table
 
 #: The logical size of every block a tier holds.
 BLOCK_BYTES = 4096
-#: Tier fields that have a column of their own; any others go to "details".
-TIER_COLUMNS = ("blocks", "stored_bytes", "used_bytes", "capacity_bytes")
+#: Tier fields the tier table shows in rows of their own; it shows any others below them.
+TIER_FIELDS = ("blocks", "stored_bytes", "used_bytes", "capacity_bytes")
 #: Every reason the store and the policy engine count moves under, in the order the
 #: moves table lists them; a reason not listed here still shows, after these.
 MOVE_REASONS = ("demote", "promote", "drain", "compact", "regroup", "repack", "manual")
+#: Types of the further tier fields that get a row in the tier table; texts, such as a
+#: remote tier's last error, get a line under it instead.
+CELL_TYPES = (bool, int, float)
 
 
 def show_status(status: dict, fetch: Callable[[], dict], interval: float,
@@ -38,6 +41,8 @@ def render_status(status: dict, previous: dict | None = None, console: Console |
     console = console or Console()
     console.print(_header(status))
     console.print(_tier_table(status))
+    for line in _tier_text_lines(status.get("tiers", {})):
+        console.print(line)
     console.print(_map_line(status))
     if "policy" in status:
         console.print(_moves_table(status))
@@ -59,27 +64,36 @@ def _header(status: dict) -> str:
 
 
 def _tier_table(status: dict) -> Table:
-    policy = status.get("policy", {})
-    watermarks, drains = policy.get("watermarks", {}), policy.get("drains", {})
-    clean_copies = status.get("clean_copies", {})
+    """A column per tier and a row per field; the fields some tiers add (a slab's
+    size, a remote tier's health) follow the standard ones, after a rule."""
+    tiers = status.get("tiers", {})
+    columns = {name: _tier_cells(name, tier, status) for name, tier in tiers.items()}
     table = Table(title="tiers", title_justify="left")
-    table.add_column("tier")
-    for column in ("blocks", "stored", "used", "capacity", "usage", "watermarks", "compression",
-                   "clean copies"):
-        table.add_column(column, justify="right")
-    table.add_column("policy")
-    table.add_column("details")
-    for name, tier in status.get("tiers", {}).items():
-        blocks, stored = tier.get("blocks", 0), tier.get("stored_bytes", 0)
-        used, capacity = tier.get("used_bytes", stored), tier.get("capacity_bytes", 0)
-        table.add_row(name, f"{blocks:,}", _size(stored), _size(used), _size(capacity),
-                      f"{100 * used / capacity:.1f} %" if capacity else "-",
-                      _watermarks(watermarks.get(name)),
-                      f"{blocks * BLOCK_BYTES / stored:.2f}x" if stored else "-",
-                      f"{clean_copies.get(name, 0):,}",
-                      _tier_policy_state(watermarks.get(name), drains.get(name)),
-                      _details(tier))
+    table.add_column("")
+    for name in columns:
+        table.add_column(name, justify="right", no_wrap=True)
+    for label in next(iter(columns.values()), {}):
+        table.add_row(label, *(cells[label] for cells in columns.values()))
+    extras = _extra_fields(tiers, CELL_TYPES)
+    if extras:
+        table.add_section()
+    for field in extras:
+        table.add_row(_field_label(field), *(_field_value(field, tier.get(field)) for tier in tiers.values()))
     return table
+
+
+def _tier_cells(name: str, tier: dict, status: dict) -> dict[str, str]:
+    """The tier table's column for tier ``name``: row label → value shown."""
+    policy = status.get("policy", {})
+    watermarks = policy.get("watermarks", {}).get(name)
+    blocks, stored = tier.get("blocks", 0), tier.get("stored_bytes", 0)
+    used, capacity = tier.get("used_bytes", stored), tier.get("capacity_bytes", 0)
+    return {"blocks": f"{blocks:,}", "stored": _size(stored), "used": _size(used), "capacity": _size(capacity),
+            "usage": f"{100 * used / capacity:.1f} %" if capacity else "-",
+            "watermarks": _watermarks(watermarks),
+            "compression": f"{blocks * BLOCK_BYTES / stored:.2f}x" if stored else "-",
+            "clean copies": f"{status.get('clean_copies', {}).get(name, 0):,}",
+            "policy": _tier_policy_state(watermarks, policy.get("drains", {}).get(name))}
 
 
 def _watermarks(report: dict | None) -> str:
@@ -100,18 +114,32 @@ def _tier_policy_state(watermarks: dict | None, drain: dict | None) -> str:
     return ", ".join(states) or "-"
 
 
-def _details(tier: dict) -> str:
-    """Fields beyond the standard columns, e.g. a remote tier's health."""
-    parts = []
-    for field, value in tier.items():
-        if field in TIER_COLUMNS or value is None or isinstance(value, (dict, list)):
-            continue
-        if isinstance(value, bool):
-            value = "yes" if value else "no"
-        elif field.endswith("_bytes") and isinstance(value, (int, float)):
-            value = _size(value)
-        parts.append(f"{field.removesuffix('_bytes')} {value}")
-    return ", ".join(parts)
+def _extra_fields(tiers: dict[str, dict], kind: type | tuple[type, ...]) -> list[str]:
+    """Fields beyond the standard ones (e.g. a remote tier's health) that some tier
+    reports with a value of ``kind``, in the order the tiers report them."""
+    return list(dict.fromkeys(field for tier in tiers.values() for field, value in tier.items()
+                              if field not in TIER_FIELDS and isinstance(value, kind)))
+
+
+def _field_label(field: str) -> str:
+    return field.removesuffix("_bytes").replace("_", " ")
+
+
+def _field_value(field: str, value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if field.endswith("_bytes"):
+        return _size(value)
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _tier_text_lines(tiers: dict[str, dict]) -> list[str]:
+    """Free-text tier fields, one line each under the tier table: too long for a cell."""
+    return [f"{name} {_field_label(field)}: {escape(tier[field])}"
+            for field in _extra_fields(tiers, str)
+            for name, tier in tiers.items() if tier.get(field)]
 
 
 def _map_line(status: dict) -> str:

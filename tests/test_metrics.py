@@ -667,10 +667,10 @@ def test_status_view_shows_watermarks_clean_copies_moves_and_drains():
     console = Console(record=True, width=200)
     render_status(POLICY_STATUS, console=console)
     out = console.export_text()
-    ram = next(line for line in out.splitlines() if line.startswith("│ ram "))
-    disk = next(line for line in out.splitlines() if line.startswith("│ disk "))
-    assert "93.8 %" in ram and "75–90 %" in ram and "demoting, draining" in ram
-    assert "80–85 %" in disk and " 12 " in disk and "drain stopped" in disk
+    assert re.search(r"│ usage +│ +93\.8 % │ +87\.9 % │ +- │", out), out
+    assert re.search(r"│ watermarks +│ +75–90 % │ +80–85 % │ +- │", out), out
+    assert re.search(r"│ clean copies +│ +0 │ +12 │ +0 │", out), out
+    assert re.search(r"│ policy +│ demoting, draining │ drain stopped │ +- │", out), out
     assert re.search(r"│ demote +│ ram → disk +│ +1,234 │ +12\.5 │", out), out
     assert re.search(r"│ promote +│ disk → ram +│ +40 │ +- │", out), out
     assert re.search(r"│ drain +│ ram → disk +│ +50 │ +5\.0 │", out), out
@@ -679,3 +679,19 @@ def test_status_view_shows_watermarks_clean_copies_moves_and_drains():
                  "drain of ram: draining, 50 of 150 blocks moved, 100 left, 25.0 blocks/s, about 4 s to go",
                  "drain of disk: stopped, 0 of 900 blocks moved, 900 left, 0.0 blocks/s (no other tier has room"):
         assert text in out, (text, out)
+
+
+
+def test_status_view_puts_a_tiers_free_text_under_the_table():
+    from rich.console import Console
+
+    remote = {"blocks": 3, "stored_bytes": 4096, "used_bytes": 4096, "capacity_bytes": 1 << 30, "up": False,
+              "errors_total": 12345, "orphans_removed_total": 0,
+              "last_error": "Error 111 connecting to 127.0.0.1:6379. Connection refused. [errno 111]"}
+    console = Console(record=True, width=80)
+    render_status({"tiers": {"remote": remote}}, console=console)
+    out = console.export_text()
+    assert "…" not in out, out
+    assert re.search(r"│ errors total +│ +12,345 │", out) and re.search(r"│ up +│ +no │", out), out
+    assert "remote last error: Error 111 connecting to 127.0.0.1:6379. Connection refused. [errno 111]" \
+        in " ".join(out.split()), out
