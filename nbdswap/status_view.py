@@ -3,6 +3,13 @@
 Recent request rates come from two status samples taken ``interval`` seconds apart;
 the server's own uptime is the clock between them.  Recent move rates are the policy
 engine's own (over its last 10 s).
+
+The view must stay readable at 80 columns (a default terminal, or a pipe): a rich table
+too wide for the console cuts its cells with "…", numbers included.  So no table gains a
+column for each field, reason or route the data holds: the tier table has one column per
+tier and a row per field, the moves table a row per reason and from → to, and free text
+goes on lines of its own.  Numeric columns do not wrap, so that in a table that must
+still give way, the text columns give it.
 """
 
 from __future__ import annotations
@@ -50,9 +57,7 @@ def render_status(status: dict, previous: dict | None = None, console: Console |
         for line in _drain_lines(status["policy"].get("drains", {})):
             console.print(line)
     console.print(_request_table(status, _recent_rates(previous, status)))
-    errors = _error_line(status.get("errors", {}), status.get("corrupt_block_errors", 0))
-    if errors:
-        console.print(errors)
+    console.print(_error_line(status.get("errors", {}), status.get("corrupt_block_errors", 0)))
 
 
 def _header(status: dict) -> str:
@@ -214,17 +219,19 @@ def _drain_lines(drains: dict[str, dict]) -> list[str]:
 
 
 def _request_table(status: dict, recent: tuple[float, dict[str, list[str]]] | None) -> Table:
+    """Totals per operation, and rates over the sampling window if there was one.  The
+    errors are on the line under the table, by errno: a column of them would make the
+    table too wide for 80 columns."""
     title = f"requests (rates over the last {recent[0]:.1f} s)" if recent else "requests"
     table = Table(title=title, title_justify="left")
     table.add_column("op")
-    columns = ["requests", "bytes", "errors"] + (["req/s", "bytes/s", "mean latency"] if recent else [])
+    # "mean latency" on two lines: the column does not wrap, and its values are narrow.
+    columns = ["requests", "bytes"] + (["req/s", "bytes/s", "mean\nlatency"] if recent else [])
     for column in columns:
-        table.add_column(column, justify="right")
-    errors = status.get("errors", {})
+        table.add_column(column, justify="right", no_wrap=True)
     for op, count in status.get("requests", {}).items():
-        row = [op, f"{count:,}", _size(status.get("request_bytes", {}).get(op, 0)),
-               f"{sum(errors.get(op, {}).values()):,}"]
-        table.add_row(*row, *(recent[1][op] if recent else ()))
+        table.add_row(op, f"{count:,}", _size(status.get("request_bytes", {}).get(op, 0)),
+                      *(recent[1][op] if recent else ()))
     return table
 
 
@@ -252,7 +259,7 @@ def _error_line(errors: dict[str, dict[str, int]], corrupt: int) -> str:
     parts = [f"{op} {errno} {count:,}" for op, by_errno in errors.items() for errno, count in by_errno.items()]
     if corrupt:
         parts.append(f"checksum failures or lost blocks {corrupt:,}")
-    return "[red]errors:[/red] " + ", ".join(parts) if parts else ""
+    return "[red]errors:[/red] " + ", ".join(parts) if parts else "errors: none"
 
 
 def _size(n: float) -> str:
