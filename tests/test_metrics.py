@@ -807,3 +807,16 @@ def test_status_view_puts_a_tiers_free_text_under_the_table():
     assert re.search(r"│ errors total +│ +12,345 │", out) and re.search(r"│ up +│ +no │", out), out
     assert "remote last error: Error 111 connecting to 127.0.0.1:6379. Connection refused. [errno 111]" \
         in " ".join(out.split()), out
+
+
+def test_drain_view_keeps_the_block_count_whole_on_a_narrow_console(monkeypatch):
+    from rich.console import Console
+
+    from nbdswap import drain_view
+
+    monkeypatch.setattr(drain_view, "POLL_SECONDS", 0)
+    reports = iter([{"state": "drained", "total_blocks": 12345678, "moved_blocks": 12345678}])
+    console = Console(record=True, width=60)
+    drain_view.follow_drain("disk", {"state": "draining", "total_blocks": 12345678, "moved_blocks": 6000000},
+                            lambda: {"policy": {"drains": {"disk": next(reports)}}}, console)
+    assert "12345678/12345678 blocks" in console.export_text(), console.export_text()
