@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Column
 
 POLL_SECONDS = 0.5
 
@@ -15,8 +16,9 @@ def follow_drain(tier: str, report: dict, fetch_status: Callable[[], dict],
                  console: Console | None = None) -> dict:
     """Show a bar with an ETA until the drain of ``tier`` is ``drained`` or ``stopped``;
     return its last report."""
-    columns = (TextColumn(f"draining [bold]{tier}[/bold]"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("blocks"), TimeRemainingColumn())
+    # The count does not wrap, so that on a narrow console the bar gives way, not the count.
+    columns = (TextColumn(f"draining [bold]{tier}[/bold]"), BarColumn(),
+               MofNCompleteColumn(table_column=Column(no_wrap=True)), TextColumn("blocks"), TimeRemainingColumn())
     with Progress(*columns, console=console or Console(stderr=True), transient=False) as progress:
         task = progress.add_task(tier, total=max(report["total_blocks"], 1))
         while report["state"] == "draining":

@@ -3,6 +3,13 @@
 Recent request rates come from two status samples taken ``interval`` seconds apart;
 the server's own uptime is the clock between them.  Recent move rates are the policy
 engine's own (over its last 10 s).
+
+The view must stay readable at 80 columns (a default terminal, or a pipe): a rich table
+too wide for the console cuts its cells with "…", numbers included.  So no table gains a
+column for each field, reason or route the data holds: the tier table has one column per
+tier and a row per field, the moves table a row per reason and from → to, and free text
+goes on lines of its own.  Numeric columns do not wrap, so that in a table that must
+still give way, the text columns give it.
 """
 
 from __future__ import annotations
@@ -16,10 +23,14 @@ from rich.table import Table
 
 #: The logical size of every block a tier holds.
 BLOCK_BYTES = 4096
-#: Tier fields that have a column of their own; any others go to "details".
-TIER_COLUMNS = ("blocks", "stored_bytes", "used_bytes", "capacity_bytes")
-#: Why blocks move, in the order of the policy table's columns.
-MOVE_REASONS = ("demote", "promote", "drain", "manual")
+#: Tier fields the tier table shows in rows of their own; it shows any others below them.
+TIER_FIELDS = ("blocks", "stored_bytes", "used_bytes", "capacity_bytes")
+#: Every reason the store and the policy engine count moves under, in the order the
+#: moves table lists them; a reason not listed here still shows, after these.
+MOVE_REASONS = ("demote", "promote", "drain", "compact", "regroup", "repack", "manual")
+#: Types of the further tier fields that get a row in the tier table; texts, such as a
+#: remote tier's last error, get a line under it instead.
+CELL_TYPES = (bool, int, float)
 
 
 def show_status(status: dict, fetch: Callable[[], dict], interval: float,
@@ -37,6 +48,8 @@ def render_status(status: dict, previous: dict | None = None, console: Console |
     console = console or Console()
     console.print(_header(status))
     console.print(_tier_table(status))
+    for line in _tier_text_lines(status.get("tiers", {})):
+        console.print(line)
     console.print(_map_line(status))
     if "policy" in status:
         console.print(_moves_table(status))
@@ -44,9 +57,7 @@ def render_status(status: dict, previous: dict | None = None, console: Console |
         for line in _drain_lines(status["policy"].get("drains", {})):
             console.print(line)
     console.print(_request_table(status, _recent_rates(previous, status)))
-    errors = _error_line(status.get("errors", {}), status.get("corrupt_block_errors", 0))
-    if errors:
-        console.print(errors)
+    console.print(_error_line(status.get("errors", {}), status.get("corrupt_block_errors", 0)))
 
 
 def _header(status: dict) -> str:
@@ -58,27 +69,36 @@ def _header(status: dict) -> str:
 
 
 def _tier_table(status: dict) -> Table:
-    policy = status.get("policy", {})
-    watermarks, drains = policy.get("watermarks", {}), policy.get("drains", {})
-    clean_copies = status.get("clean_copies", {})
+    """A column per tier and a row per field; the fields some tiers add (a slab's
+    size, a remote tier's health) follow the standard ones, after a rule."""
+    tiers = status.get("tiers", {})
+    columns = {name: _tier_cells(name, tier, status) for name, tier in tiers.items()}
     table = Table(title="tiers", title_justify="left")
-    table.add_column("tier")
-    for column in ("blocks", "stored", "used", "capacity", "usage", "watermarks", "compression",
-                   "clean copies"):
-        table.add_column(column, justify="right")
-    table.add_column("policy")
-    table.add_column("details")
-    for name, tier in status.get("tiers", {}).items():
-        blocks, stored = tier.get("blocks", 0), tier.get("stored_bytes", 0)
-        used, capacity = tier.get("used_bytes", stored), tier.get("capacity_bytes", 0)
-        table.add_row(name, f"{blocks:,}", _size(stored), _size(used), _size(capacity),
-                      f"{100 * used / capacity:.1f} %" if capacity else "-",
-                      _watermarks(watermarks.get(name)),
-                      f"{blocks * BLOCK_BYTES / stored:.2f}x" if stored else "-",
-                      f"{clean_copies.get(name, 0):,}",
-                      _tier_policy_state(watermarks.get(name), drains.get(name)),
-                      _details(tier))
+    table.add_column("")
+    for name in columns:
+        table.add_column(name, justify="right", no_wrap=True)
+    for label in next(iter(columns.values()), {}):
+        table.add_row(label, *(cells[label] for cells in columns.values()))
+    extras = _extra_fields(tiers, CELL_TYPES)
+    if extras:
+        table.add_section()
+    for field in extras:
+        table.add_row(_field_label(field), *(_field_value(field, tier.get(field)) for tier in tiers.values()))
     return table
+
+
+def _tier_cells(name: str, tier: dict, status: dict) -> dict[str, str]:
+    """The tier table's column for tier ``name``: row label → value shown."""
+    policy = status.get("policy", {})
+    watermarks = policy.get("watermarks", {}).get(name)
+    blocks, stored = tier.get("blocks", 0), tier.get("stored_bytes", 0)
+    used, capacity = tier.get("used_bytes", stored), tier.get("capacity_bytes", 0)
+    return {"blocks": f"{blocks:,}", "stored": _size(stored), "used": _size(used), "capacity": _size(capacity),
+            "usage": f"{100 * used / capacity:.1f} %" if capacity else "-",
+            "watermarks": _watermarks(watermarks),
+            "compression": f"{blocks * BLOCK_BYTES / stored:.2f}x" if stored else "-",
+            "clean copies": f"{status.get('clean_copies', {}).get(name, 0):,}",
+            "policy": _tier_policy_state(watermarks, policy.get("drains", {}).get(name))}
 
 
 def _watermarks(report: dict | None) -> str:
@@ -99,18 +119,32 @@ def _tier_policy_state(watermarks: dict | None, drain: dict | None) -> str:
     return ", ".join(states) or "-"
 
 
-def _details(tier: dict) -> str:
-    """Fields beyond the standard columns, e.g. a remote tier's health."""
-    parts = []
-    for field, value in tier.items():
-        if field in TIER_COLUMNS or value is None or isinstance(value, (dict, list)):
-            continue
-        if isinstance(value, bool):
-            value = "yes" if value else "no"
-        elif field.endswith("_bytes") and isinstance(value, (int, float)):
-            value = _size(value)
-        parts.append(f"{field.removesuffix('_bytes')} {value}")
-    return ", ".join(parts)
+def _extra_fields(tiers: dict[str, dict], kind: type | tuple[type, ...]) -> list[str]:
+    """Fields beyond the standard ones (e.g. a remote tier's health) that some tier
+    reports with a value of ``kind``, in the order the tiers report them."""
+    return list(dict.fromkeys(field for tier in tiers.values() for field, value in tier.items()
+                              if field not in TIER_FIELDS and isinstance(value, kind)))
+
+
+def _field_label(field: str) -> str:
+    return field.removesuffix("_bytes").replace("_", " ")
+
+
+def _field_value(field: str, value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if field.endswith("_bytes"):
+        return _size(value)
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _tier_text_lines(tiers: dict[str, dict]) -> list[str]:
+    """Free-text tier fields, one line each under the tier table: too long for a cell."""
+    return [f"{name} {_field_label(field)}: {escape(tier[field])}"
+            for field in _extra_fields(tiers, str)
+            for name, tier in tiers.items() if tier.get(field)]
 
 
 def _map_line(status: dict) -> str:
@@ -121,20 +155,42 @@ def _map_line(status: dict) -> str:
             f"{status.get('lost_blocks', 0):,} lost), {_size(block_map.get('bytes', 0))} on disk")
 
 
-def _moves_table(status: dict) -> Table:
-    """Moves so far by from → to and reason, and the policy engine's recent move rates."""
-    table = Table(title="policy: blocks moved (rates over the last 10 s)", title_justify="left")
-    table.add_column("from → to")
-    for reason in MOVE_REASONS:
-        table.add_column(reason, justify="right")
-    for source, targets in status.get("moves", {}).items():
-        for target, reasons in targets.items():
-            table.add_row(f"{source} → {target}",
-                          *(f"{reasons[reason]:,}" if reason in reasons else "-" for reason in MOVE_REASONS))
+def _moves_table(status: dict) -> Table | str:
+    """Blocks moved so far, one row per reason and from → to, with the policy engine's
+    recent rate of each reason on the reason's first row (a reason with a rate but no
+    count gets a row of its own); a line instead if nothing moved yet."""
+    counts = _moves_by_reason(status.get("moves", {}))
     rates = status["policy"].get("move_rates", {})
-    table.add_row("moves/s", *(f"{rates[reason]:,.1f}" if reason in rates else "-" for reason in MOVE_REASONS),
-                  style="bold")
+    reasons = _in_reason_order(counts.keys() | rates.keys())
+    if not reasons:
+        return "policy: no blocks moved yet"
+    table = Table(title="policy: blocks moved (moves/s: last 10 s)", title_justify="left")
+    table.add_column("reason")
+    table.add_column("from → to")
+    table.add_column("blocks", justify="right", no_wrap=True)
+    table.add_column("moves/s", justify="right", no_wrap=True)
+    for reason in reasons:
+        rate = f"{rates[reason]:,.1f}" if reason in rates else "-"
+        for index, (path, count) in enumerate(counts.get(reason, {"-": "-"}).items()):
+            first = index == 0
+            table.add_row(reason if first else "", path, count, rate if first else "")
     return table
+
+
+def _moves_by_reason(moves: dict[str, dict[str, dict[str, int]]]) -> dict[str, dict[str, str]]:
+    """``{reason: {"from → to": count}}`` from the store's ``{from: {to: {reason: count}}}``."""
+    by_reason: dict[str, dict[str, str]] = {}
+    for source, targets in moves.items():
+        for target, reasons in targets.items():
+            for reason, count in reasons.items():
+                by_reason.setdefault(reason, {})[f"{source} → {target}"] = f"{count:,}"
+    return by_reason
+
+
+def _in_reason_order(reasons: set[str]) -> list[str]:
+    """``reasons`` in :data:`MOVE_REASONS` order, any the list lacks last by name."""
+    known = [reason for reason in MOVE_REASONS if reason in reasons]
+    return known + sorted(reasons - set(MOVE_REASONS))
 
 
 def _policy_line(status: dict) -> str:
@@ -163,17 +219,19 @@ def _drain_lines(drains: dict[str, dict]) -> list[str]:
 
 
 def _request_table(status: dict, recent: tuple[float, dict[str, list[str]]] | None) -> Table:
+    """Totals per operation, and rates over the sampling window if there was one.  The
+    errors are on the line under the table, by errno: a column of them would make the
+    table too wide for 80 columns."""
     title = f"requests (rates over the last {recent[0]:.1f} s)" if recent else "requests"
     table = Table(title=title, title_justify="left")
     table.add_column("op")
-    columns = ["requests", "bytes", "errors"] + (["req/s", "bytes/s", "mean latency"] if recent else [])
+    # "mean latency" on two lines: the column does not wrap, and its values are narrow.
+    columns = ["requests", "bytes"] + (["req/s", "bytes/s", "mean\nlatency"] if recent else [])
     for column in columns:
-        table.add_column(column, justify="right")
-    errors = status.get("errors", {})
+        table.add_column(column, justify="right", no_wrap=True)
     for op, count in status.get("requests", {}).items():
-        row = [op, f"{count:,}", _size(status.get("request_bytes", {}).get(op, 0)),
-               f"{sum(errors.get(op, {}).values()):,}"]
-        table.add_row(*row, *(recent[1][op] if recent else ()))
+        table.add_row(op, f"{count:,}", _size(status.get("request_bytes", {}).get(op, 0)),
+                      *(recent[1][op] if recent else ()))
     return table
 
 
@@ -201,7 +259,7 @@ def _error_line(errors: dict[str, dict[str, int]], corrupt: int) -> str:
     parts = [f"{op} {errno} {count:,}" for op, by_errno in errors.items() for errno, count in by_errno.items()]
     if corrupt:
         parts.append(f"checksum failures or lost blocks {corrupt:,}")
-    return "[red]errors:[/red] " + ", ".join(parts) if parts else ""
+    return "[red]errors:[/red] " + ", ".join(parts) if parts else "errors: none"
 
 
 def _size(n: float) -> str:

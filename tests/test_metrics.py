@@ -667,15 +667,156 @@ def test_status_view_shows_watermarks_clean_copies_moves_and_drains():
     console = Console(record=True, width=200)
     render_status(POLICY_STATUS, console=console)
     out = console.export_text()
-    ram = next(line for line in out.splitlines() if line.startswith("│ ram "))
-    disk = next(line for line in out.splitlines() if line.startswith("│ disk "))
-    assert "93.8 %" in ram and "75–90 %" in ram and "demoting, draining" in ram
-    assert "80–85 %" in disk and " 12 " in disk and "drain stopped" in disk
-    assert re.search(r"│ ram → disk +│ +1,234 │ +- │ +50 │ +- │", out), out
-    assert re.search(r"│ disk → ram +│ +- │ +40 │ +- │ +- │", out), out
-    assert re.search(r"│ moves/s +│ +12\.5 │ +- │ +5\.0 │ +- │", out), out
+    assert re.search(r"│ usage +│ +93\.8 % │ +87\.9 % │ +- │", out), out
+    assert re.search(r"│ watermarks +│ +75–90 % │ +80–85 % │ +- │", out), out
+    assert re.search(r"│ clean copies +│ +0 │ +12 │ +0 │", out), out
+    assert re.search(r"│ policy +│ demoting, draining │ drain stopped │ +- │", out), out
+    assert re.search(r"│ demote +│ ram → disk +│ +1,234 │ +12\.5 │", out), out
+    assert re.search(r"│ promote +│ disk → ram +│ +40 │ +- │", out), out
+    assert re.search(r"│ drain +│ ram → disk +│ +50 │ +5\.0 │", out), out
     for text in ("clean-copy hits 17", "clean copies dropped 5", "move races lost 3", "promotions queued 7",
                  "demotions stalled (no room below): disk 4",
                  "drain of ram: draining, 50 of 150 blocks moved, 100 left, 25.0 blocks/s, about 4 s to go",
                  "drain of disk: stopped, 0 of 900 blocks moved, 900 left, 0.0 blocks/s (no other tier has room"):
         assert text in out, (text, out)
+
+
+#: `nbdswap status --json` of a real server (256M export, --ram-max 64M --disk-max 256M) after
+#: writes, reads, trims and a drain of ram, then a sample one second earlier.
+STATUS_FROM_A_SERVER = {
+    "clean_copies": {"disk": 1569, "ram": 0, "remote": 0}, "clean_copies_dropped": 0, "clean_copy_hits": 3753,
+    "connections": 1, "corrupt_block_errors": 0, "draining": [], "errors": {},
+    "export": {"name": "swap", "size": 268435456}, "lost_blocks": 0,
+    "map": {"blocks": 47220, "bytes": 1372160}, "move_races_lost": 0,
+    "moves": {
+        "disk": {"disk": {"compact": 1169}, "ram": {"promote": 6520}},
+        "ram": {
+            "disk": {"demote": 9365, "drain": 21347}, "ram": {"compact": 114, "regroup": 12001, "repack": 477},
+        },
+    },
+    "policy": {
+        "demotions_stalled": {}, "drains": {}, "drains_in_progress": 0,
+        "move_rates": {"compact": 84.3, "promote": 181.0, "regroup": 26.1, "repack": 0.1},
+        "promotions_queued": 0, "recency_bytes": 65536,
+        "settings": {
+            "batch": 32, "disk_high": 0.9, "disk_low": 0.8, "free_on_read_disk": "above:75",
+            "free_on_read_remote": "above:50", "group_idle_ram": True, "incompressible_bytes": 4096,
+            "interval": 0.2, "moves_per_second": 2000, "promote": "second", "promote_window": 60.0,
+            "ram_high": 0.9, "ram_low": 0.75,
+        },
+        "watermarks": {
+            "disk": {"demoting": False, "high": 0.9, "low": 0.8, "usage": 0.2366},
+            "ram": {"demoting": False, "high": 0.9, "low": 0.75, "usage": 0.8386},
+        },
+    },
+    "request_bytes": {
+        "block_status": 100139008, "cache": 0, "flush": 0, "read": 599621632, "trim": 13107200,
+        "write": 389693440, "write_zeroes": 21123072,
+    },
+    "request_seconds": {
+        "block_status": 0.046970695, "cache": 0.0, "flush": 0.0, "read": 0.931403162, "trim": 0.023985841,
+        "write": 8.901631867, "write_zeroes": 0.092771745,
+    },
+    "requests": {
+        "block_status": 382, "cache": 0, "flush": 0, "read": 25057, "trim": 200, "write": 54373,
+        "write_zeroes": 4624,
+    },
+    "same_filled_blocks": 0,
+    "tiers": {
+        "disk": {
+            "blocks": 22336, "capacity_bytes": 268435456, "corrupt_reads_total": 0, "grouped_blocks": 8604,
+            "grouped_payloads": 1348, "grouped_stored_bytes": 28949465, "slab_bytes": 111083520,
+            "stored_bytes": 62751891, "used_bytes": 63512576,
+        },
+        "ram": {
+            "blocks": 26453, "capacity_bytes": 67108864, "corrupt_reads_total": 0, "grouped_blocks": 270,
+            "grouped_payloads": 100, "grouped_stored_bytes": 563520, "slab_bytes": 56688640,
+            "stored_bytes": 55010947, "used_bytes": 56279872,
+        },
+        "remote": {
+            "blocks": 0, "capacity_bytes": 0, "configured": False, "stored_bytes": 0, "up": False,
+            "used_bytes": 0,
+        },
+    },
+    "uptime_seconds": 284.846, "version": "0.1.0", "zero_blocks": 0,
+}
+STATUS_A_SECOND_EARLIER = {
+    "uptime_seconds": 283.592,
+    "requests": {
+        "block_status": 382, "cache": 0, "flush": 0, "read": 18233, "trim": 200, "write": 47548,
+        "write_zeroes": 4624,
+    },
+    "request_bytes": {
+        "block_status": 100139008, "cache": 0, "flush": 0, "read": 571670528, "trim": 13107200,
+        "write": 361738240, "write_zeroes": 21123072,
+    },
+    "request_seconds": {
+        "block_status": 0.046970695, "cache": 0.0, "flush": 0.0, "read": 0.827422187, "trim": 0.023985841,
+        "write": 8.542705197, "write_zeroes": 0.092771745,
+    },
+}
+
+
+def _shown_counts(status: dict) -> list[str]:
+    """Every count of the status as the view writes it: blocks, clean copies, moves,
+    requests and the further tier fields such as grouped blocks."""
+    tier_counts = [value for tier in status["tiers"].values() for field, value in tier.items()
+                   if type(value) is int and not field.endswith("_bytes")]
+    move_counts = [count for targets in status["moves"].values() for reasons in targets.values()
+                   for count in reasons.values()]
+    counts = tier_counts + move_counts + list(status["clean_copies"].values()) + list(status["requests"].values())
+    return [f"{count:,}" for count in counts]
+
+
+def _moved_reasons(status: dict) -> set[str]:
+    moves = status["moves"]
+    counted = {reason for targets in moves.values() for reasons in targets.values() for reason in reasons}
+    return counted | status["policy"]["move_rates"].keys()
+
+
+def test_status_view_at_80_columns_shows_every_number_and_every_move_reason():
+    """80 columns is what `nbdswap status` gets piped or in a default terminal; rich cuts
+    the cells of a table too wide for the console with "…"."""
+    from rich.console import Console
+
+    console = Console(record=True, width=80)
+    render_status(STATUS_FROM_A_SERVER, STATUS_A_SECOND_EARLIER, console)
+    out = console.export_text()
+    assert "…" not in out, out
+    rates = [f"{rate:,.1f}" for rate in STATUS_FROM_A_SERVER["policy"]["move_rates"].values()]
+    sizes = ["52.5 MiB", "53.7 MiB", "64.0 MiB", "54.1 MiB", "550.3 KiB",
+             "59.8 MiB", "60.6 MiB", "256.0 MiB", "105.9 MiB", "27.6 MiB",
+             "571.8 MiB", "371.6 MiB", "95.5 MiB", "21.3 MiB/s"]
+    derived = ["83.9 %", "23.7 %", "75–90 %", "80–90 %", "1.97x", "1.46x", "5,441.8", "5,442.6"]
+    for number in _shown_counts(STATUS_FROM_A_SERVER) + rates + sizes + derived:
+        assert re.search(rf"(?<![\d.,]){re.escape(number)}(?![\d]|[.,]\d)", out), (number, out)
+    for reason in _moved_reasons(STATUS_FROM_A_SERVER):
+        assert re.search(rf"[│┃] +{reason} +[│┃]", out), (reason, out)
+
+
+def test_status_view_puts_a_tiers_free_text_under_the_table():
+    from rich.console import Console
+
+    remote = {"blocks": 3, "stored_bytes": 4096, "used_bytes": 4096, "capacity_bytes": 1 << 30, "up": False,
+              "errors_total": 12345, "orphans_removed_total": 0,
+              "last_error": "Error 111 connecting to 127.0.0.1:6379. Connection refused. [errno 111]"}
+    console = Console(record=True, width=80)
+    render_status({"tiers": {"remote": remote}}, console=console)
+    out = console.export_text()
+    assert "…" not in out, out
+    assert re.search(r"│ errors total +│ +12,345 │", out) and re.search(r"│ up +│ +no │", out), out
+    assert "remote last error: Error 111 connecting to 127.0.0.1:6379. Connection refused. [errno 111]" \
+        in " ".join(out.split()), out
+
+
+def test_drain_view_keeps_the_block_count_whole_on_a_narrow_console(monkeypatch):
+    from rich.console import Console
+
+    from nbdswap import drain_view
+
+    monkeypatch.setattr(drain_view, "POLL_SECONDS", 0)
+    reports = iter([{"state": "drained", "total_blocks": 12345678, "moved_blocks": 12345678}])
+    console = Console(record=True, width=60)
+    drain_view.follow_drain("disk", {"state": "draining", "total_blocks": 12345678, "moved_blocks": 6000000},
+                            lambda: {"policy": {"drains": {"disk": next(reports)}}}, console)
+    assert "12345678/12345678 blocks" in console.export_text(), console.export_text()
