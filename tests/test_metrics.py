@@ -3,6 +3,7 @@ nbdswap under load: every dashboard query must parse and return data."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import math
@@ -436,6 +437,63 @@ async def test_a_scrape_the_blocked_event_loop_does_not_answer_goes_without_poli
     assert "nbdswap_requests_total" in text and "nbdswap_moves_total" in text
     assert "nbdswap_policy_promotions_queued" not in text
     assert "nbdswap_policy_promotions_queued 0.0" in await scrape(device, FakePolicy())
+
+
+#: The HELP text of a store field that has none of its own (metrics._family).
+GENERIC_HELP = "as Store.stats() reports it"
+
+
+async def test_remote_series_exist_at_zero_without_a_remote_tier_and_every_family_has_its_own_help(state_dir):
+    store = Store.open(state_dir, size=4 * MiB, ram_max=4 * SLAB_SIZE, disk_max=64 * SLAB_SIZE)
+    try:
+        text = await scrape(BlockDevice(store, "swap", 4 * MiB), Policy(store))
+    finally:
+        await store.close()
+    values = samples(text)
+    assert sample(values, "nbdswap_tier_configured", tier="remote") == 0
+    assert sample(values, "nbdswap_tier_up", tier="remote") == 0
+    for counter in ("errors", "orphans_removed", "corrupt_reads"):
+        assert sample(values, f"nbdswap_tier_{counter}_total", tier="remote") == 0, counter
+    assert "# TYPE nbdswap_tier_errors_total counter" in text
+    assert ("nbdswap_tier_errors_total", frozenset({"tier": "disk"}.items())) not in values
+    result = promtool("check", "metrics", stdin=text)
+    assert result.returncode == 0 and not result.stdout.strip(), result
+    with_remote = await scrape(BlockDevice(FakeStore(REMOTE_STATS), "swap", 64 * MiB), FakePolicy())
+    for exposition in (text, with_remote):
+        for family in text_string_to_metric_families(exposition):
+            assert family.documentation and GENERIC_HELP not in family.documentation, family.name
+
+
+def move_reasons_in_the_code() -> set[str]:
+    """The ``reason`` strings store.py and policy.py pass on to ``nbdswap_moves_total``:
+    in the policy engine's work items ``(block, target, reason, tier)`` (yielded, or the
+    first element of a job), as arguments of the store's moving methods, and as the
+    default of a ``reason`` parameter."""
+    positions = {"move": 2, "move_group": 2, "_repoint": 3, "_commit_move": 3, "_stage_group": 3}
+    reasons = set()
+    for module in ("store.py", "policy.py"):
+        tree = ast.parse((ROOT / "nbdswap" / module).read_text())
+        items = [node.value for node in ast.walk(tree) if isinstance(node, ast.Yield)]
+        items += [node.elts[0] for node in ast.walk(tree) if isinstance(node, ast.Tuple) and node.elts]
+        found = [item.elts[2] for item in items if isinstance(item, ast.Tuple) and len(item.elts) == 4]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) in positions:
+                position = positions[node.func.attr]
+                found += node.args[position:position + 1] + [kw.value for kw in node.keywords if kw.arg == "reason"]
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                with_defaults = node.args.args[len(node.args.args) - len(node.args.defaults):]
+                found += [default for arg, default in zip(with_defaults, node.args.defaults) if arg.arg == "reason"]
+        reasons |= {node.value for node in found if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+    return reasons
+
+
+async def test_the_moves_help_names_every_reason_the_code_moves_blocks_for():
+    reasons = move_reasons_in_the_code()
+    assert {"demote", "promote", "drain", "manual"} < reasons  # the scan finds them at all
+    assert reasons == set(metrics.MOVE_REASONS)
+    text = await scrape(BlockDevice(FakeStore(REMOTE_STATS), "swap", 64 * MiB), FakePolicy())
+    (documentation,) = re.findall(r"^# HELP nbdswap_moves_total (.*)$", text, re.M)
+    assert set(re.search(r"\(([a-z, ]+)\)$", documentation)[1].split(", ")) == reasons
 
 
 # --- dashboards against the real Prometheus ----------------------------------------
