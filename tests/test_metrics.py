@@ -544,7 +544,7 @@ def test_instance_variable_lists_the_server(live):
 def test_real_prometheus_loads_the_rules_and_fires_on_enospc(live):
     groups = live.prometheus.api("rules")["groups"]
     rules = [rule for group in groups for rule in group["rules"]]
-    assert len(rules) == 9 and all(rule["health"] == "ok" for rule in rules), rules
+    assert len(rules) == 10 and all(rule["health"] == "ok" for rule in rules), rules
 
     def enospc_firing() -> bool:
         alerts = live.prometheus.api("alerts")["alerts"]
