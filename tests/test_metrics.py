@@ -29,7 +29,9 @@ from nbdswap.protocol import Command, Request
 from nbdswap.status_view import render_status
 from nbdswap.store import BLOCK_SIZE, Store
 from nbdswap.tiers.slab import SLAB_SIZE
-from nbdutil import SYSTEM_PATH, free_port, nbdsh, nbdswap_command, remove_ram_arena, run_client, ServerProcess
+from nbdutil import (SYSTEM_PATH, free_port, mixed_data, nbdsh, nbdswap_command, remove_ram_arena, run_client,
+                     ServerProcess)
+from redisutil import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
@@ -551,6 +553,92 @@ def test_real_prometheus_loads_the_rules_and_fires_on_enospc(live):
         return any(a["labels"]["alertname"] == "NbdswapEnospcReturned" and a["state"] == "firing"
                    for a in alerts)
     wait_until(enospc_firing, "the ENOSPC alert to fire", timeout=30)
+
+
+# --- clean copies and a remote tier outage against the real Prometheus ------------------
+
+
+def panel_exprs(dashboard: str, title: str) -> dict[str, str]:
+    """``{legend: expr}`` of one panel's targets."""
+    (panel,) = [panel for panel in json.loads((ROOT / "grafana" / "dashboards" / dashboard).read_text())["panels"]
+                if panel["title"] == title]
+    return {target["legendFormat"]: target["expr"] for target in panel["targets"]}
+
+
+def test_dashboards_count_blocks_once_and_show_a_remote_tier_outage(tmp_path):
+    """RAM over a remote tier only: blocks promoted from it keep a clean copy there, and
+    the block classes still add up to the mapped blocks.  Then Redis dies: the remote
+    panels show it down and NbdswapRemoteTierDown is on its way (pending or firing)."""
+    redis = RedisServer(tmp_path / "redis").start()
+    target = f"127.0.0.1:{free_port()}"
+    server = ServerProcess(tmp_path, size="64M", ram_max="1M", disk_max="0", extra=(
+        "--remote", redis.url, "--remote-retry-interval", "0.2", "--remote-timeout", "1", "--metrics", target,
+        "--policy", "ram_high=0.5", "--policy", "ram_low=0.3", "--policy", "interval=0.02",
+        "--policy", "promote=always", "--policy", "free_on_read_remote=never", "--policy", "group_idle_ram=off"))
+    try:
+        server.start()
+        prometheus = PrometheusProcess(tmp_path, target)
+        try:
+            _check_clean_copies_and_outage(server, prometheus, redis, target)
+        finally:
+            prometheus.stop()
+    finally:
+        server.cleanup()
+        redis.stop()
+
+
+def _check_clean_copies_and_outage(server: ServerProcess, prometheus: PrometheusProcess, redis: RedisServer,
+                                   target: str) -> None:
+    def value(expr: str, at: float | None = None) -> float | None:
+        result = prometheus.query(grafana_substitute(expr, target), time.time() if at is None else at)
+        return float(result[0]["value"][1]) if result else None
+
+    data = server.workdir / "data"
+    data.write_bytes(mixed_data(4 * MiB))
+    nbdsh(server.uri, f"data = open({str(data)!r}, 'rb').read()\n"
+                      "for offset in range(0, len(data), 1 << 20):\n"
+                      "    h.pwrite(data[offset:offset + (1 << 20)], offset)")
+
+    def above(expr: str, threshold: float) -> bool:
+        number = value(expr)
+        return number is not None and number > threshold
+    wait_until(lambda: not above('nbdswap_tier_usage_ratio{tier="ram"}', 0.5)
+               and above('nbdswap_tier_blocks{tier="remote"}', 100), "RAM to demote to the remote tier")
+    nbdsh(server.uri, "h.pread(64 * 4096, 0)")  # cold blocks, on the remote tier: promoted, copies kept
+    # Once the promotions are over, every counter comes from the same idle state.
+    wait_until(lambda: above('nbdswap_clean_copies{tier="remote"}', 0)
+               and value(" + ".join(f"sum(changes({name}[3s]))" for name in
+                                    ("nbdswap_tier_blocks", "nbdswap_clean_copies", "nbdswap_map_blocks"))) == 0,
+               "clean copies on the remote tier, and no moves")
+    at = time.time()
+    mapped = value('sum(nbdswap_map_blocks{instance=~"$instance"})', at)
+    copies = value('sum(nbdswap_clean_copies{instance=~"$instance"})', at)
+    assert mapped and copies
+    shares = panel_exprs("nbdswap-tiers.json", "Share of mapped blocks by class")
+    assert sum(value(expr, at) for expr in shares.values()) == pytest.approx(1)
+    counts = panel_exprs("nbdswap-tiers.json", "Mapped blocks by class")
+    stored = value(counts["stored in a tier"], at)
+    assert stored + sum(value(counts[name], at) for name in ("zero", "same-filled", "lost")) == mapped
+    (per_tier,) = panel_exprs("nbdswap-tiers.json", "Blocks per tier").values()
+    assert sum(float(sample["value"][1]) for sample in
+               prometheus.query(grafana_substitute(per_tier, target), at)) == stored
+    assert value('sum(nbdswap_tier_blocks{instance=~"$instance"})', at) == stored + copies
+    logical = panel_exprs("nbdswap-tiers.json", "Logical vs stored bytes")["logical"]
+    assert value(logical, at) == stored * BLOCK_SIZE
+
+    (state,) = panel_exprs("nbdswap-reliability.json", "Remote tier state").values()
+    (errors,) = panel_exprs("nbdswap-reliability.json", "Remote tier errors per second").values()
+    assert value(state) == 2 and value(errors) == 0
+    redis.stop(signal.SIGKILL)
+    nbdsh(server.uri, "h.pwrite(bytes(range(256)) * 16 * 768, 1 << 20)")  # frees remote keys: DEL fails
+    wait_until(lambda: value('nbdswap_tier_up{tier="remote"}') == 0, "Prometheus to see the remote tier down")
+    wait_until(lambda: (value(errors) or 0) > 0, "remote errors in the dashboard")
+    assert value(state) == 1
+
+    def remote_down_alert() -> bool:
+        alerts = prometheus.api("alerts")["alerts"]
+        return any(alert["labels"]["alertname"] == "NbdswapRemoteTierDown" for alert in alerts)
+    wait_until(remote_down_alert, "NbdswapRemoteTierDown to be pending", timeout=30)
 
 
 # --- dashboard structure (Grafana's dashboard JSON model, schemaVersion >= 39) -------
