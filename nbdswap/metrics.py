@@ -21,6 +21,8 @@ remote tier, its health) appears without changes here:
 Numbers and booleans (as 0/1) are exported; a field whose name ends in ``_total`` is
 a counter, every other one a gauge; strings and deeper nesting are not exported.
 Fields are named in base units (``_bytes``, ``_seconds``) and never per block.
+A tier reported as not configured (the remote tier without ``--remote``) also has its
+:data:`REMOTE_COUNTERS` at 0, so that every remote series exists on every server.
 
 The store's move counters (:data:`MOVE_STATS`) and the policy engine's state have
 families of their own (:func:`_move_families`, :func:`_policy_families`): moves by
@@ -76,16 +78,32 @@ EXPECTED_ERRORS = tuple((op, "EIO") for op in ("read", "write", "flush", "trim",
     ("write", "ENOSPC"), ("write_zeroes", "ENOSPC"))
 
 _TIER_HELP = {
-    "blocks": "Blocks whose data the tier holds",
-    "stored_bytes": "Bytes of the payloads the tier holds (after compression)",
-    "used_bytes": "Bytes of the tier's slots holding payloads, rounding included",
-    "capacity_bytes": "Bytes of payload slots the tier may allocate",
+    "blocks": "Map entries whose data the tier holds: blocks, and clean copies of blocks "
+              "stored on a faster tier (nbdswap_clean_copies; subtract them to count each block once)",
+    "stored_bytes": "Bytes of the payloads the tier holds (after compression; clean copies included)",
+    "used_bytes": "Bytes of the tier's slots holding payloads, rounding included (clean copies included)",
+    "capacity_bytes": "Bytes of payload slots the tier may allocate (0: the tier is off)",
     "slab_bytes": "Bytes of the slabs the tier has in use (its memory or file footprint)",
-    "logical_bytes": "Bytes the tier's blocks hold before compression (blocks x 4096)",
+    "logical_bytes": "Bytes the tier's blocks hold before compression (nbdswap_tier_blocks x 4096, "
+                     "clean copies included)",
     "grouped_payloads": "Payloads holding several blocks of one map group, compressed together",
     "grouped_blocks": "Map entries (blocks and clean copies) pointing into grouped payloads",
     "grouped_stored_bytes": "Bytes of the grouped payloads (included in stored_bytes)",
+    "corrupt_reads_total": "Reads of the tier's blocks whose data could not be trusted: a failed checksum "
+                           "or undecodable payload, or a remote key missing or holding another value",
+    "up": "1 while the remote tier is usable; 0 from a failed Redis command until a probe (PING every "
+          "--remote-retry-interval) succeeds, and 0 without a remote tier (nbdswap_tier_configured). "
+          "An idle tier sends no command, so an outage shows at its next command",
+    "configured": "1 if the server runs with this tier (--remote), else 0 and the tier's other "
+                  "series are 0",
+    "errors_total": "Remote tier commands that failed (connection, timeout or Redis error), failed "
+                    "probes included; each marks the tier down",
+    "orphans_removed_total": "Remote keys of earlier runs that no map entry references, deleted by "
+                             "the sweep at start-up",
 }
+#: Counters a configured remote tier reports; exported at 0 for a tier that is not
+#: configured, so that rates and increases over them exist on every server.
+REMOTE_COUNTERS = ("errors_total", "orphans_removed_total", "corrupt_reads_total")
 _STORE_HELP = {
     "map_blocks": "Blocks with an entry in the block map",
     "map_bytes": "Size of the block map on disk",
@@ -96,6 +114,9 @@ _STORE_HELP = {
 #: ``Store.stats()`` keys exported by :func:`_move_families` instead of generically.
 MOVE_STATS = frozenset({"moves", "move_races_lost", "clean_copy_hits", "clean_copies_dropped",
                         "clean_copies"})
+#: Every ``reason`` of ``nbdswap_moves_total``: the policy engine's (policy.py) and the
+#: store's default for a direct :meth:`Store.move` (``manual``).
+MOVE_REASONS = ("demote", "promote", "drain", "compact", "regroup", "repack", "manual")
 #: Seconds a scrape waits for the event loop to read the policy engine's state.
 POLICY_STATS_TIMEOUT = 2.0
 
@@ -223,6 +244,8 @@ def _tier_families(tiers: dict[str, dict]) -> Iterator[Metric]:
     families: dict[str, Metric] = {}
     for tier, values in tiers.items():
         fields = dict(_numbers(values))
+        if values.get("configured") is False:
+            fields = dict.fromkeys(REMOTE_COUNTERS, 0.0) | fields
         fields["logical_bytes"] = fields.get("blocks", 0) * BLOCK_BYTES
         for field, number in fields.items():
             name = f"nbdswap_tier_{field}"
@@ -234,8 +257,8 @@ def _tier_families(tiers: dict[str, dict]) -> Iterator[Metric]:
 
 def _move_families(stats: dict) -> Iterator[Metric]:
     """The store's counters of moves and clean copies."""
-    moves = CounterMetricFamily("nbdswap_moves", "Blocks moved between tiers, by reason "
-                                "(demote, promote, drain, compact, manual)", labels=["from", "to", "reason"])
+    moves = CounterMetricFamily("nbdswap_moves", "Blocks moved between tiers or within one, by reason "
+                                f"({', '.join(MOVE_REASONS)})", labels=["from", "to", "reason"])
     for source, targets in stats["moves"].items():
         for target, reasons in targets.items():
             for reason, count in reasons.items():
@@ -251,7 +274,7 @@ def _move_families(stats: dict) -> Iterator[Metric]:
                               "Clean copies freed to make room on their tier (no I/O)",
                               value=stats["clean_copies_dropped"])
     clean = GaugeMetricFamily("nbdswap_clean_copies", "Clean copies the tier holds of blocks promoted "
-                              "to a faster tier", labels=["tier"])
+                              "to a faster tier (counted in nbdswap_tier_blocks too)", labels=["tier"])
     for tier, count in stats["clean_copies"].items():
         clean.add_metric([tier], count)
     yield clean
@@ -261,7 +284,8 @@ def _policy_families(policy: dict, tiers: list[str]) -> Iterator[Metric]:
     """``Policy.stats()`` as metric families; drains are exported for each of ``tiers``."""
     watermarks = GaugeMetricFamily(
         "nbdswap_tier_watermark_ratio", "Share of the tier's capacity above which (high) demotion "
-        "starts, and below which (low) it stops", labels=["tier", "level"])
+        "starts, and below which (low) it stops; every configured tier but remote has them, also one "
+        "with no tier below to demote to", labels=["tier", "level"])
     usage = GaugeMetricFamily("nbdswap_tier_usage_ratio", "Share of the tier's capacity in use, "
                               "as the policy engine compares it with the watermarks", labels=["tier"])
     stalled = CounterMetricFamily("nbdswap_policy_demotions_stalled",

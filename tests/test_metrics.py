@@ -3,6 +3,7 @@ nbdswap under load: every dashboard query must parse and return data."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import math
@@ -28,7 +29,9 @@ from nbdswap.protocol import Command, Request
 from nbdswap.status_view import render_status
 from nbdswap.store import BLOCK_SIZE, Store
 from nbdswap.tiers.slab import SLAB_SIZE
-from nbdutil import SYSTEM_PATH, free_port, nbdsh, nbdswap_command, remove_ram_arena, run_client, ServerProcess
+from nbdutil import (SYSTEM_PATH, free_port, mixed_data, nbdsh, nbdswap_command, remove_ram_arena, run_client,
+                     ServerProcess)
+from redisutil import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
@@ -438,6 +441,63 @@ async def test_a_scrape_the_blocked_event_loop_does_not_answer_goes_without_poli
     assert "nbdswap_policy_promotions_queued 0.0" in await scrape(device, FakePolicy())
 
 
+#: The HELP text of a store field that has none of its own (metrics._family).
+GENERIC_HELP = "as Store.stats() reports it"
+
+
+async def test_remote_series_exist_at_zero_without_a_remote_tier_and_every_family_has_its_own_help(state_dir):
+    store = Store.open(state_dir, size=4 * MiB, ram_max=4 * SLAB_SIZE, disk_max=64 * SLAB_SIZE)
+    try:
+        text = await scrape(BlockDevice(store, "swap", 4 * MiB), Policy(store))
+    finally:
+        await store.close()
+    values = samples(text)
+    assert sample(values, "nbdswap_tier_configured", tier="remote") == 0
+    assert sample(values, "nbdswap_tier_up", tier="remote") == 0
+    for counter in ("errors", "orphans_removed", "corrupt_reads"):
+        assert sample(values, f"nbdswap_tier_{counter}_total", tier="remote") == 0, counter
+    assert "# TYPE nbdswap_tier_errors_total counter" in text
+    assert ("nbdswap_tier_errors_total", frozenset({"tier": "disk"}.items())) not in values
+    result = promtool("check", "metrics", stdin=text)
+    assert result.returncode == 0 and not result.stdout.strip(), result
+    with_remote = await scrape(BlockDevice(FakeStore(REMOTE_STATS), "swap", 64 * MiB), FakePolicy())
+    for exposition in (text, with_remote):
+        for family in text_string_to_metric_families(exposition):
+            assert family.documentation and GENERIC_HELP not in family.documentation, family.name
+
+
+def move_reasons_in_the_code() -> set[str]:
+    """The ``reason`` strings store.py and policy.py pass on to ``nbdswap_moves_total``:
+    in the policy engine's work items ``(block, target, reason, tier)`` (yielded, or the
+    first element of a job), as arguments of the store's moving methods, and as the
+    default of a ``reason`` parameter."""
+    positions = {"move": 2, "move_group": 2, "_repoint": 3, "_commit_move": 3, "_stage_group": 3}
+    reasons = set()
+    for module in ("store.py", "policy.py"):
+        tree = ast.parse((ROOT / "nbdswap" / module).read_text())
+        items = [node.value for node in ast.walk(tree) if isinstance(node, ast.Yield)]
+        items += [node.elts[0] for node in ast.walk(tree) if isinstance(node, ast.Tuple) and node.elts]
+        found = [item.elts[2] for item in items if isinstance(item, ast.Tuple) and len(item.elts) == 4]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) in positions:
+                position = positions[node.func.attr]
+                found += node.args[position:position + 1] + [kw.value for kw in node.keywords if kw.arg == "reason"]
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                with_defaults = node.args.args[len(node.args.args) - len(node.args.defaults):]
+                found += [default for arg, default in zip(with_defaults, node.args.defaults) if arg.arg == "reason"]
+        reasons |= {node.value for node in found if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+    return reasons
+
+
+async def test_the_moves_help_names_every_reason_the_code_moves_blocks_for():
+    reasons = move_reasons_in_the_code()
+    assert {"demote", "promote", "drain", "manual"} < reasons  # the scan finds them at all
+    assert reasons == set(metrics.MOVE_REASONS)
+    text = await scrape(BlockDevice(FakeStore(REMOTE_STATS), "swap", 64 * MiB), FakePolicy())
+    (documentation,) = re.findall(r"^# HELP nbdswap_moves_total (.*)$", text, re.M)
+    assert set(re.search(r"\(([a-z, ]+)\)$", documentation)[1].split(", ")) == reasons
+
+
 # --- dashboards against the real Prometheus ----------------------------------------
 
 
@@ -486,13 +546,99 @@ def test_instance_variable_lists_the_server(live):
 def test_real_prometheus_loads_the_rules_and_fires_on_enospc(live):
     groups = live.prometheus.api("rules")["groups"]
     rules = [rule for group in groups for rule in group["rules"]]
-    assert len(rules) == 9 and all(rule["health"] == "ok" for rule in rules), rules
+    assert len(rules) == 10 and all(rule["health"] == "ok" for rule in rules), rules
 
     def enospc_firing() -> bool:
         alerts = live.prometheus.api("alerts")["alerts"]
         return any(a["labels"]["alertname"] == "NbdswapEnospcReturned" and a["state"] == "firing"
                    for a in alerts)
     wait_until(enospc_firing, "the ENOSPC alert to fire", timeout=30)
+
+
+# --- clean copies and a remote tier outage against the real Prometheus ------------------
+
+
+def panel_exprs(dashboard: str, title: str) -> dict[str, str]:
+    """``{legend: expr}`` of one panel's targets."""
+    (panel,) = [panel for panel in json.loads((ROOT / "grafana" / "dashboards" / dashboard).read_text())["panels"]
+                if panel["title"] == title]
+    return {target["legendFormat"]: target["expr"] for target in panel["targets"]}
+
+
+def test_dashboards_count_blocks_once_and_show_a_remote_tier_outage(tmp_path):
+    """RAM over a remote tier only: blocks promoted from it keep a clean copy there, and
+    the block classes still add up to the mapped blocks.  Then Redis dies: the remote
+    panels show it down and NbdswapRemoteTierDown is on its way (pending or firing)."""
+    redis = RedisServer(tmp_path / "redis").start()
+    target = f"127.0.0.1:{free_port()}"
+    server = ServerProcess(tmp_path, size="64M", ram_max="1M", disk_max="0", extra=(
+        "--remote", redis.url, "--remote-retry-interval", "0.2", "--remote-timeout", "1", "--metrics", target,
+        "--policy", "ram_high=0.5", "--policy", "ram_low=0.3", "--policy", "interval=0.02",
+        "--policy", "promote=always", "--policy", "free_on_read_remote=never", "--policy", "group_idle_ram=off"))
+    try:
+        server.start()
+        prometheus = PrometheusProcess(tmp_path, target)
+        try:
+            _check_clean_copies_and_outage(server, prometheus, redis, target)
+        finally:
+            prometheus.stop()
+    finally:
+        server.cleanup()
+        redis.stop()
+
+
+def _check_clean_copies_and_outage(server: ServerProcess, prometheus: PrometheusProcess, redis: RedisServer,
+                                   target: str) -> None:
+    def value(expr: str, at: float | None = None) -> float | None:
+        result = prometheus.query(grafana_substitute(expr, target), time.time() if at is None else at)
+        return float(result[0]["value"][1]) if result else None
+
+    data = server.workdir / "data"
+    data.write_bytes(mixed_data(4 * MiB))
+    nbdsh(server.uri, f"data = open({str(data)!r}, 'rb').read()\n"
+                      "for offset in range(0, len(data), 1 << 20):\n"
+                      "    h.pwrite(data[offset:offset + (1 << 20)], offset)")
+
+    def above(expr: str, threshold: float) -> bool:
+        number = value(expr)
+        return number is not None and number > threshold
+    wait_until(lambda: not above('nbdswap_tier_usage_ratio{tier="ram"}', 0.5)
+               and above('nbdswap_tier_blocks{tier="remote"}', 100), "RAM to demote to the remote tier")
+    nbdsh(server.uri, "h.pread(64 * 4096, 0)")  # cold blocks, on the remote tier: promoted, copies kept
+    # Once the promotions are over, every counter comes from the same idle state.
+    wait_until(lambda: above('nbdswap_clean_copies{tier="remote"}', 0)
+               and value(" + ".join(f"sum(changes({name}[3s]))" for name in
+                                    ("nbdswap_tier_blocks", "nbdswap_clean_copies", "nbdswap_map_blocks"))) == 0,
+               "clean copies on the remote tier, and no moves")
+    at = time.time()
+    mapped = value('sum(nbdswap_map_blocks{instance=~"$instance"})', at)
+    copies = value('sum(nbdswap_clean_copies{instance=~"$instance"})', at)
+    assert mapped and copies
+    shares = panel_exprs("nbdswap-tiers.json", "Share of mapped blocks by class")
+    assert sum(value(expr, at) for expr in shares.values()) == pytest.approx(1)
+    counts = panel_exprs("nbdswap-tiers.json", "Mapped blocks by class")
+    stored = value(counts["stored in a tier"], at)
+    assert stored + sum(value(counts[name], at) for name in ("zero", "same-filled", "lost")) == mapped
+    (per_tier,) = panel_exprs("nbdswap-tiers.json", "Blocks per tier").values()
+    assert sum(float(sample["value"][1]) for sample in
+               prometheus.query(grafana_substitute(per_tier, target), at)) == stored
+    assert value('sum(nbdswap_tier_blocks{instance=~"$instance"})', at) == stored + copies
+    logical = panel_exprs("nbdswap-tiers.json", "Logical vs stored bytes")["logical"]
+    assert value(logical, at) == stored * BLOCK_SIZE
+
+    (state,) = panel_exprs("nbdswap-reliability.json", "Remote tier state").values()
+    (errors,) = panel_exprs("nbdswap-reliability.json", "Remote tier errors per second").values()
+    assert value(state) == 2 and value(errors) == 0
+    redis.stop(signal.SIGKILL)
+    nbdsh(server.uri, "h.pwrite(bytes(range(256)) * 16 * 768, 1 << 20)")  # frees remote keys: DEL fails
+    wait_until(lambda: value('nbdswap_tier_up{tier="remote"}') == 0, "Prometheus to see the remote tier down")
+    wait_until(lambda: (value(errors) or 0) > 0, "remote errors in the dashboard")
+    assert value(state) == 1
+
+    def remote_down_alert() -> bool:
+        alerts = prometheus.api("alerts")["alerts"]
+        return any(alert["labels"]["alertname"] == "NbdswapRemoteTierDown" for alert in alerts)
+    wait_until(remote_down_alert, "NbdswapRemoteTierDown to be pending", timeout=30)
 
 
 # --- dashboard structure (Grafana's dashboard JSON model, schemaVersion >= 39) -------
