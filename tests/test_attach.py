@@ -3,16 +3,51 @@ handshake against a real server, netlink message encoding, argument parsing.
 (tests/test_vm_attach.py runs the whole thing in a guest kernel.)"""
 
 import os
+import shutil
 import struct
 import subprocess
+from types import SimpleNamespace
 
 import pytest
 
-from nbdswap import netlink
+from nbdswap import attach, netlink
 from nbdswap.attach import device_index
 from nbdswap.nbdclient import HandshakeError, negotiate, open_connection
 from nbdswap.protocol.constants import TransmissionFlag
-from nbdutil import nbdswap_command
+from nbdutil import nbdswap_command, wait_for_unix_socket
+
+
+class Retried(Exception):
+    """Raised by the stubbed back-off: the dial loop chose to dial again."""
+
+
+def stop_retrying() -> None:
+    raise Retried
+
+
+def stub_backoff(monkeypatch, on_retry) -> None:
+    """Run ``on_retry()`` in place of the dial loop's back-off sleep: a test sees
+    whether the loop retries, without waiting and without looping forever."""
+    monkeypatch.setattr(attach, "time", SimpleNamespace(sleep=lambda _delay: on_retry()))
+
+
+@pytest.fixture
+def nbdkit_4k(tmp_path):
+    """nbdkit advertising a minimum block size of 4096 (nbdswap's is 512)."""
+    if shutil.which("nbdkit") is None:
+        pytest.skip("needs nbdkit")
+    path, log_path = tmp_path / "nbdkit.sock", tmp_path / "nbdkit.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            ["nbdkit", "--foreground", "--exit-with-parent", "-U", str(path),
+             "--filter=blocksize-policy", "memory", "1M", "blocksize-minimum=4096"],
+            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_unix_socket(path, process, log_path)
+        yield f"unix://{path}"
+    finally:
+        process.terminate()
+        process.wait(30)
 
 
 def test_handshake_against_a_live_server(server):
@@ -47,6 +82,41 @@ def test_handshake_with_something_that_is_not_nbd(tmp_path):
         with pytest.raises(HandshakeError):
             negotiate(sock, "swap")
     listener.close()
+
+
+def test_first_dial_fails_at_once_on_an_unknown_export(server, monkeypatch):
+    stub_backoff(monkeypatch, stop_retrying)
+    options = attach.AttachOptions(server=f"unix://{server.socket}", index=0, export="nope")
+    with pytest.raises(HandshakeError, match="ERR_UNKNOWN"):
+        attach.dial_until_connected(options)
+
+
+def test_first_dial_fails_at_once_on_a_block_size_the_server_does_not_take(nbdkit_4k, monkeypatch):
+    stub_backoff(monkeypatch, stop_retrying)
+    options = attach.AttachOptions(server=nbdkit_4k, index=0, block_size=512)
+    with pytest.raises(HandshakeError, match="block size 512 .*minimum 4096"):
+        attach.dial_until_connected(options)
+
+
+def test_first_dial_waits_for_a_server_that_is_not_up_yet(server_factory, tmp_path, monkeypatch):
+    started = []
+
+    def start_the_server() -> None:
+        if not started:
+            started.append(server_factory("late"))
+
+    stub_backoff(monkeypatch, start_the_server)
+    options = attach.AttachOptions(server=f"unix://{tmp_path / 'late' / 'nbd.sock'}", index=0)
+    sock, export = attach.dial_until_connected(options)
+    sock.close()
+    assert export.size == 256 << 20 and len(started) == 1
+
+
+def test_redial_of_an_attached_device_retries_even_a_refusal(server, monkeypatch):
+    stub_backoff(monkeypatch, stop_retrying)
+    options = attach.AttachOptions(server=f"unix://{server.socket}", index=0, export="nope")
+    with pytest.raises(Retried):
+        attach.redial_until_connected(options)
 
 
 def test_socket_list_encodes_nested_items():
