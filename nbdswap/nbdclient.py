@@ -110,7 +110,8 @@ def _read_go_replies(sock: socket.socket, export: str) -> NegotiatedExport:
 def _refusal(export: str, reply: int, message: str) -> HandshakeError:
     if reply == OptionReply.ERR_SHUTDOWN:
         return HandshakeInterrupted(f"the server is shutting down: {message}")
-    return HandshakeError(f"export {export!r} refused ({OptionReply(reply).name}): {message}")
+    name = OptionReply(reply).name if reply in OptionReply._value2member_map_ else f"error {reply:#x}"
+    return HandshakeError(f"export {export!r} refused ({name}): {message}")
 
 
 def _receive(sock: socket.socket, count: int) -> bytes:

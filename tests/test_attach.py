@@ -4,8 +4,10 @@ handshake against a real server, netlink message encoding, argument parsing.
 
 import os
 import shutil
+import socket
 import struct
 import subprocess
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -13,7 +15,13 @@ import pytest
 from nbdswap import attach, netlink
 from nbdswap.attach import device_index
 from nbdswap.nbdclient import HandshakeError, negotiate, open_connection
-from nbdswap.protocol.constants import TransmissionFlag
+from nbdswap.protocol.constants import (
+    IHAVEOPT,
+    NBDMAGIC,
+    OPTION_REPLY_MAGIC,
+    HandshakeFlag,
+    TransmissionFlag,
+)
 from nbdutil import nbdswap_command, wait_for_unix_socket
 
 
@@ -66,8 +74,6 @@ def test_handshake_for_an_unknown_export_says_so(server):
 
 
 def test_handshake_with_something_that_is_not_nbd(tmp_path):
-    import socket
-    import threading
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(str(tmp_path / "http.sock"))
     listener.listen()
@@ -80,6 +86,28 @@ def test_handshake_with_something_that_is_not_nbd(tmp_path):
     threading.Thread(target=answer, daemon=True).start()
     with open_connection(f"unix://{tmp_path / 'http.sock'}", timeout=10) as sock:
         with pytest.raises(HandshakeError):
+            negotiate(sock, "swap")
+    listener.close()
+
+
+def test_an_error_reply_this_client_does_not_know_is_still_a_refusal(tmp_path):
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "future.sock"))
+    listener.listen()
+
+    def refuse_with_a_newer_error() -> None:
+        conn, _ = listener.accept()
+        reader = conn.makefile("rb")
+        conn.sendall(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, HandshakeFlag.FIXED_NEWSTYLE))
+        _flags, _magic, option, length = struct.unpack(">IQII", reader.read(20))
+        reader.read(length)
+        conn.sendall(struct.pack(">QIII", OPTION_REPLY_MAGIC, option, (1 << 31) + 100, 0))
+        reader.read(1)  # until the client hangs up
+        conn.close()
+
+    threading.Thread(target=refuse_with_a_newer_error, daemon=True).start()
+    with open_connection(f"unix://{tmp_path / 'future.sock'}", timeout=10) as sock:
+        with pytest.raises(HandshakeError, match="refused"):
             negotiate(sock, "swap")
     listener.close()
 
