@@ -16,6 +16,7 @@ OOM killer to spare it.  Standard library only.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import logging
 import os
@@ -44,6 +45,12 @@ ALLOCATOR_ENVIRONMENT = {
 #: Seconds a dial (connect and handshake) may take before it is retried.
 CONNECT_TIMEOUT = 10.0
 RECONNECT_BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+#: What the kernel's nbd driver takes on every architecture (a power of two from 512
+#: to PAGE_SIZE) and swap can use; the server's minimum block size is 512.
+BLOCK_SIZES = (512, 1024, 2048, 4096)
+#: The kernel keeps the request timeout in 32 bits of jiffies (timeout * HZ, HZ up to
+#: 1000): a larger one would silently wrap around.
+MAX_TIMEOUT = 0xFFFFFFFF // 1000
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,48 @@ def device_index(device: str) -> int:
     if not match:
         raise ValueError(f"{device!r} is not an NBD device (expected /dev/nbdN)")
     return int(match.group(1))
+
+
+def block_size(text: str) -> int:
+    """``-b`` (argparse type): one of BLOCK_SIZES."""
+    value = _integer(text)
+    if value not in BLOCK_SIZES:
+        sizes = ", ".join(map(str, BLOCK_SIZES[:-1]))
+        raise argparse.ArgumentTypeError(f"must be {sizes} or {BLOCK_SIZES[-1]} (got {value})")
+    return value
+
+
+def connection_count(text: str) -> int:
+    """``-C`` (argparse type): sockets per device; the kernel sets no upper limit."""
+    return _at_least(_integer(text), 1)
+
+
+def request_timeout(text: str) -> int:
+    """``-t`` (argparse type).  With 0 the kernel only warns about a request left
+    unanswered and keeps its connection: a link whose end the guest never saw would
+    never be replaced."""
+    value = _integer(text)
+    if not 1 <= value <= MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_TIMEOUT} seconds (got {value})")
+    return value
+
+
+def dead_connection_timeout(text: str) -> int:
+    """``--dead-conn-timeout`` (argparse type); 0: swap I/O fails once every link is dead."""
+    return _at_least(_integer(text), 0, " seconds")
+
+
+def _at_least(value: int, low: int, unit: str = "") -> int:
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}{unit} (got {value})")
+    return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
 
 
 def use_reserved_heap() -> None:

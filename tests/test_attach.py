@@ -14,6 +14,7 @@ import pytest
 
 from nbdswap import attach, netlink
 from nbdswap.attach import device_index
+from nbdswap.cli import build_parser
 from nbdswap.nbdclient import HandshakeError, negotiate, open_connection
 from nbdswap.protocol.constants import (
     IHAVEOPT,
@@ -172,6 +173,36 @@ def test_bad_device_name_is_a_clear_error():
     result = subprocess.run(nbdswap_command() + ["attach", "127.0.0.1", "/dev/sda"],
                             capture_output=True, timeout=30)
     assert result.returncode == 2 and b"not an NBD device" in result.stderr
+
+
+ATTACH = ["attach", "tcp://127.0.0.1", "/dev/nbd0"]
+#: Seconds: 2**32 - 1 jiffies at HZ 1000.
+LONGEST_TIMEOUT = 4294967
+
+
+@pytest.mark.parametrize("option,value,message", [
+    pytest.param("-C", "0", "argument -C/--connections: must be at least 1 (got 0)", id="-C 0"),
+    pytest.param("-t", "0", f"argument -t/--timeout: must be from 1 to {LONGEST_TIMEOUT} seconds (got 0)",
+                 id="-t 0"),
+    pytest.param("-t", str(LONGEST_TIMEOUT + 1), f"(got {LONGEST_TIMEOUT + 1})", id="-t too long"),
+    pytest.param("-b", "1000", "argument -b/--block-size: must be 512, 1024, 2048 or 4096 (got 1000)",
+                 id="-b 1000"),
+    pytest.param("-b", "256", "must be 512, 1024, 2048 or 4096 (got 256)", id="-b 256"),
+    pytest.param("-b", "8192", "must be 512, 1024, 2048 or 4096 (got 8192)", id="-b 8192"),
+    pytest.param("--dead-conn-timeout", "-1",
+                 "argument --dead-conn-timeout: must be at least 0 seconds (got -1)", id="--dead-conn-timeout -1"),
+])
+def test_the_parser_refuses_attach_options_out_of_range(option, value, message, capsys):
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args([*ATTACH, option, value])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_parser_takes_attach_options_at_their_limits():
+    low = build_parser().parse_args([*ATTACH, "-C", "1", "-t", "1", "-b", "512", "--dead-conn-timeout", "0"])
+    high = build_parser().parse_args([*ATTACH, "-t", str(LONGEST_TIMEOUT), "-b", "4096"])
+    assert (low.connections, low.timeout, low.block_size, low.dead_conn_timeout) == (1, 1, 512, 0)
+    assert (high.timeout, high.block_size) == (LONGEST_TIMEOUT, 4096)
 
 
 @pytest.mark.skipif(os.path.exists("/sys/module/nbd"), reason="would attach a real device here")
