@@ -16,6 +16,7 @@ OOM killer to spare it.  Standard library only.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import logging
 import os
@@ -27,7 +28,7 @@ import time
 from dataclasses import dataclass
 
 from .netlink import DeviceSettings, NbdNetlink
-from .nbdclient import HandshakeError, NegotiatedExport, negotiate, open_connection
+from .nbdclient import HandshakeError, HandshakeInterrupted, NegotiatedExport, negotiate, open_connection
 from .resident import stay_resident
 
 log = logging.getLogger("nbdswap.attach")
@@ -44,6 +45,12 @@ ALLOCATOR_ENVIRONMENT = {
 #: Seconds a dial (connect and handshake) may take before it is retried.
 CONNECT_TIMEOUT = 10.0
 RECONNECT_BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+#: What the kernel's nbd driver takes on every architecture (a power of two from 512
+#: to PAGE_SIZE) and swap can use; the server's minimum block size is 512.
+BLOCK_SIZES = (512, 1024, 2048, 4096)
+#: The kernel keeps the request timeout in 32 bits of jiffies (timeout * HZ, HZ up to
+#: 1000): a larger one would silently wrap around.
+MAX_TIMEOUT = 0xFFFFFFFF // 1000
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,48 @@ def device_index(device: str) -> int:
     return int(match.group(1))
 
 
+def block_size(text: str) -> int:
+    """``-b`` (argparse type): one of BLOCK_SIZES."""
+    value = _integer(text)
+    if value not in BLOCK_SIZES:
+        sizes = ", ".join(map(str, BLOCK_SIZES[:-1]))
+        raise argparse.ArgumentTypeError(f"must be {sizes} or {BLOCK_SIZES[-1]} (got {value})")
+    return value
+
+
+def connection_count(text: str) -> int:
+    """``-C`` (argparse type): sockets per device; the kernel sets no upper limit."""
+    return _at_least(_integer(text), 1)
+
+
+def request_timeout(text: str) -> int:
+    """``-t`` (argparse type).  With 0 the kernel only warns about a request left
+    unanswered and keeps its connection: a link whose end the guest never saw would
+    never be replaced."""
+    value = _integer(text)
+    if not 1 <= value <= MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_TIMEOUT} seconds (got {value})")
+    return value
+
+
+def dead_connection_timeout(text: str) -> int:
+    """``--dead-conn-timeout`` (argparse type); 0: swap I/O fails once every link is dead."""
+    return _at_least(_integer(text), 0, " seconds")
+
+
+def _at_least(value: int, low: int, unit: str = "") -> int:
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}{unit} (got {value})")
+    return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
 def use_reserved_heap() -> None:
     """Re-execute with the allocator settings of ALLOCATOR_ENVIRONMENT (they only take
     effect at interpreter start).  When a link dies the guest is typically out of
@@ -88,7 +137,8 @@ def dial(options: AttachOptions) -> tuple[socket.socket, NegotiatedExport]:
         if options.block_size % max(export.minimum_block_size, 1) or \
                 options.block_size > export.maximum_payload:
             raise HandshakeError(f"block size {options.block_size} does not fit the server's "
-                                 f"constraints (minimum {export.minimum_block_size})")
+                                 f"constraints (minimum {export.minimum_block_size}, "
+                                 f"maximum payload {export.maximum_payload})")
     except BaseException:
         sock.close()
         raise
@@ -97,15 +147,36 @@ def dial(options: AttachOptions) -> tuple[socket.socket, NegotiatedExport]:
 
 
 def dial_until_connected(options: AttachOptions) -> tuple[socket.socket, NegotiatedExport]:
-    """Retry :func:`dial` with backoff until the server answers (it is restarting)."""
+    """Dial for a device not attached yet: retried while the server is unreachable (it
+    may be starting), but a refusal is raised at once, since asking again gets the
+    same answer and nothing waits on this device yet."""
+    return _dial_retrying(options, retry_on=(OSError, HandshakeInterrupted))
+
+
+def redial_until_connected(options: AttachOptions) -> tuple[socket.socket, NegotiatedExport]:
+    """Dial for an attached device until the server takes the connection, whatever
+    it answers meanwhile.
+
+    Unlike :func:`dial_until_connected`, a refusal is retried too.  The guest's
+    swapped-out pages are on that server, and its swap I/O waits for this process (up
+    to ``--dead-conn-timeout``).  Giving up would release nothing: that I/O would fail
+    and the processes whose pages are out there would die, even if the refusal only
+    lasted while the server restarted with a changed configuration or an operator
+    fixed one.  So the retries go on, logged with the server's answer.
+    """
+    return _dial_retrying(options, retry_on=(OSError, HandshakeError))
+
+
+def _dial_retrying(options: AttachOptions, retry_on: tuple[type[Exception], ...]
+                   ) -> tuple[socket.socket, NegotiatedExport]:
     attempt = 0
     while True:
         try:
             return dial(options)
-        except (OSError, HandshakeError) as error:
+        except retry_on as error:
             delay = RECONNECT_BACKOFF[min(attempt, len(RECONNECT_BACKOFF) - 1)]
             if attempt % 20 == 0:
-                log.warning("server %s not reachable (%s); retrying", options.server, error)
+                log.warning("server %s: %s; retrying", options.server, error)
             attempt += 1
             time.sleep(delay)
 
@@ -154,7 +225,7 @@ def _connect(netlink: NbdNetlink, options: AttachOptions) -> None:
 def _rehearse_reconnection(options: AttachOptions) -> None:
     """Dial and negotiate once more now, while memory is plentiful, so that the code
     and buffers of a real reconnection are already paged in and locked."""
-    sock, _ = dial_until_connected(options)
+    sock, _ = redial_until_connected(options)
     sock.close()
     gc.collect()
     gc.freeze()
@@ -162,7 +233,7 @@ def _rehearse_reconnection(options: AttachOptions) -> None:
 
 def _replace_dead_links(netlink: NbdNetlink, options: AttachOptions, count: int) -> None:
     for _ in range(count):
-        sock, _ = dial_until_connected(options)
+        sock, _ = redial_until_connected(options)
         try:
             netlink.reconfigure(options.index, options.backend, [sock.fileno()])
         finally:
@@ -186,7 +257,10 @@ def run_attach(options: AttachOptions) -> int:
         attach(options)
     except KeyboardInterrupt:
         pass
-    except (OSError, HandshakeError) as error:
+    except HandshakeError as error:
+        print(f"nbdswap attach: server {options.server}: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
         print(f"nbdswap attach: {error}", file=sys.stderr)
         return 1
     return 0

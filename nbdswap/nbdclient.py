@@ -26,7 +26,14 @@ MAX_REPLY_LENGTH = 64 * 1024
 
 
 class HandshakeError(Exception):
-    """The server is not a usable NBD server for this export."""
+    """The server answered and cannot serve this export to this client: it refused the
+    export or its options, or it does not speak fixed-newstyle NBD.  Asking again
+    gets the same answer."""
+
+
+class HandshakeInterrupted(HandshakeError):
+    """The handshake ended without a verdict: the server closed the connection, or
+    said it is shutting down (NBD_REP_ERR_SHUTDOWN).  It may answer once it is back."""
 
 
 @dataclass(frozen=True)
@@ -88,8 +95,7 @@ def _read_go_replies(sock: socket.socket, export: str) -> NegotiatedExport:
         if reply == OptionReply.ACK:
             break
         if reply & (1 << 31):
-            message = payload.decode(errors="replace")
-            raise HandshakeError(f"export {export!r} refused ({OptionReply(reply).name}): {message}")
+            raise _refusal(export, reply, payload.decode(errors="replace"))
         if reply == OptionReply.INFO and len(payload) >= 2:
             (info,) = struct.unpack_from(">H", payload)
             if info == Info.EXPORT and len(payload) == 12:
@@ -101,11 +107,18 @@ def _read_go_replies(sock: socket.socket, export: str) -> NegotiatedExport:
     return NegotiatedExport(size, flags, *block_sizes)
 
 
+def _refusal(export: str, reply: int, message: str) -> HandshakeError:
+    if reply == OptionReply.ERR_SHUTDOWN:
+        return HandshakeInterrupted(f"the server is shutting down: {message}")
+    name = OptionReply(reply).name if reply in OptionReply._value2member_map_ else f"error {reply:#x}"
+    return HandshakeError(f"export {export!r} refused ({name}): {message}")
+
+
 def _receive(sock: socket.socket, count: int) -> bytes:
     data = bytearray()
     while len(data) < count:
         chunk = sock.recv(count - len(data))
         if not chunk:
-            raise HandshakeError("the server closed the connection during the handshake")
+            raise HandshakeInterrupted("the server closed the connection during the handshake")
         data += chunk
     return bytes(data)
