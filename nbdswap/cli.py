@@ -111,18 +111,22 @@ def _add_status(subparsers) -> None:
 
 
 def _add_attach(subparsers) -> None:
+    from .attach import block_size, connection_count, dead_connection_timeout, request_timeout
+
     attach = subparsers.add_parser(
         "attach", help="connect /dev/nbdX to an export and keep it connected across server restarts")
     attach.add_argument("server", metavar="SERVER",
                         help="tcp://HOST:PORT, unix:///PATH or HOST[:PORT] (port 10809)")
     attach.add_argument("device", metavar="DEVICE", help="/dev/nbdN")
     attach.add_argument("-N", "--name", default="swap", help="export name (default swap)")
-    attach.add_argument("-b", "--block-size", type=int, default=4096, help="block size (default 4096)")
-    attach.add_argument("-C", "--connections", type=int, default=1, help="sockets per device")
-    attach.add_argument("-t", "--timeout", type=int, default=30,
+    attach.add_argument("-b", "--block-size", type=block_size, default=4096,
+                        help="block size: 512, 1024, 2048 or 4096 (default 4096)")
+    attach.add_argument("-C", "--connections", type=connection_count, default=1,
+                        help="sockets per device (default 1)")
+    attach.add_argument("-t", "--timeout", type=request_timeout, default=30,
                         help="seconds after which the kernel declares an unanswering connection "
                              "dead and re-sends its requests on a new one (default 30)")
-    attach.add_argument("--dead-conn-timeout", type=int, default=3600,
+    attach.add_argument("--dead-conn-timeout", type=dead_connection_timeout, default=3600,
                         help="seconds I/O waits for a reconnection before failing (default 3600)")
     attach.set_defaults(run=_cmd_attach)
     detach = subparsers.add_parser("detach", help="disconnect /dev/nbdX")
