@@ -56,8 +56,9 @@ class ServerPolicy:
 
     #: Seconds from accept to transmission (TLS handshake included).
     handshake_timeout: float = 10.0
-    #: On shutdown, seconds a connection may stay half-closed after its last reply
-    #: while the client reads the replies and closes (see ``NBDConnection._linger``).
+    #: On shutdown, seconds a connection may stay half-closed (TLS: after close_notify)
+    #: after its last reply while the client reads the replies and closes (see
+    #: ``NBDConnection._linger``).
     shutdown_linger: float = 5.0
     #: Longer option payloads are skipped unbuffered and refused.
     max_option_length: int = MAX_OPTION_LENGTH
@@ -351,7 +352,11 @@ class NBDConnection(asyncio.Protocol):
         sends until it closes too.  Closing with its requests unread would reset the
         connection, and the client would lose the replies it had not read yet: it
         could not tell a write that was done from one never read.  Bounded by
-        :attr:`ServerPolicy.shutdown_linger` in :meth:`NBDServer.shutdown`."""
+        :attr:`ServerPolicy.shutdown_linger` in :meth:`NBDServer.shutdown`.
+
+        A TLS transport cannot half-close and needs no linger: its ``close()`` sends
+        close_notify, then reads and drops until the client's close_notify or EOF
+        (uvloop's SSL shutdown), within the same bound."""
         self._lingering = True
         self._transport.write_eof()
         if self._reading_paused:

@@ -1,6 +1,18 @@
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from nbdutil import ServerProcess
+
+EXTENSIONS = """
+[server]
+subjectAltName = DNS:localhost, IP:127.0.0.1
+extendedKeyUsage = serverAuth
+[client]
+extendedKeyUsage = clientAuth
+"""
 
 
 @pytest.fixture
@@ -23,3 +35,37 @@ def server_factory(tmp_path):
 @pytest.fixture
 def server(server_factory):
     return server_factory()
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def _new_key_and_request(name: str, cwd: Path) -> None:
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+             "-keyout", f"{name}-key.pem", "-out", f"{name}.csr", "-subj", f"/CN=nbdswap-test-{name}", cwd=cwd)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> Path:
+    """A CA, a server certificate (localhost, 127.0.0.1) and a client certificate, plus
+    the directories libnbd and QEMU read: ``client/`` (ca-cert.pem, client-cert.pem,
+    client-key.pem) and ``anonymous/`` (ca-cert.pem only)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    root = tmp_path_factory.mktemp("pki")
+    (root / "ext.cnf").write_text(EXTENSIONS)
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+             "-keyout", "ca-key.pem", "-out", "ca-cert.pem", "-days", "2", "-subj", "/CN=nbdswap-test-ca",
+             cwd=root)
+    for name in ("server", "client"):
+        _new_key_and_request(name, root)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
+                 "-CAcreateserial", "-out", f"{name}-cert.pem", "-days", "2", "-extfile", "ext.cnf",
+                 "-extensions", name, cwd=root)
+    for directory, files in (("client", ("ca-cert.pem", "client-cert.pem", "client-key.pem")),
+                             ("anonymous", ("ca-cert.pem",))):
+        (root / directory).mkdir()
+        for name in files:
+            shutil.copy(root / name, root / directory / name)
+    return root

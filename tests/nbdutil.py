@@ -85,6 +85,14 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")
 
 
+def tls_flags(pki: Path, mode: str, verify_peer: bool = False) -> tuple[str, ...]:
+    """``serve`` flags for TLS ``mode`` with the certificates of the ``pki`` fixture."""
+    flags = ("--tls", mode, "--tls-cert", str(pki / "server-cert.pem"), "--tls-key", str(pki / "server-key.pem"))
+    if verify_peer:
+        flags += ("--tls-ca", str(pki / "ca-cert.pem"), "--tls-verify-peer")
+    return flags
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 nothing listens on right now."""
     with socket.socket() as probe:

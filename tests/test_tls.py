@@ -5,69 +5,22 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import socket
 import ssl
 import struct
-import subprocess
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from nbdutil import run_client, wait_for_connections, wait_for_log
+from nbdutil import run_client, tls_flags, wait_for_connections, wait_for_log
 
 IHAVEOPT = 0x49484156454F5054
 ERR_INVALID = 0x80000003
 ERR_TLS_REQD = 0x80000005
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
-
-EXTENSIONS = """
-[server]
-subjectAltName = DNS:localhost, IP:127.0.0.1
-extendedKeyUsage = serverAuth
-[client]
-extendedKeyUsage = clientAuth
-"""
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def _new_key_and_request(name: str, cwd: Path) -> None:
-    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-             "-keyout", f"{name}-key.pem", "-out", f"{name}.csr", "-subj", f"/CN=nbdswap-test-{name}", cwd=cwd)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> Path:
-    """A CA, a server certificate (localhost, 127.0.0.1) and a client certificate, plus
-    the directories libnbd and QEMU read: ``client/`` (ca-cert.pem, client-cert.pem,
-    client-key.pem) and ``anonymous/`` (ca-cert.pem only)."""
-    root = tmp_path_factory.mktemp("pki")
-    (root / "ext.cnf").write_text(EXTENSIONS)
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-             "-keyout", "ca-key.pem", "-out", "ca-cert.pem", "-days", "2", "-subj", "/CN=nbdswap-test-ca",
-             cwd=root)
-    for name in ("server", "client"):
-        _new_key_and_request(name, root)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
-                 "-CAcreateserial", "-out", f"{name}-cert.pem", "-days", "2", "-extfile", "ext.cnf",
-                 "-extensions", name, cwd=root)
-    for directory, files in (("client", ("ca-cert.pem", "client-cert.pem", "client-key.pem")),
-                             ("anonymous", ("ca-cert.pem",))):
-        (root / directory).mkdir()
-        for name in files:
-            shutil.copy(root / name, root / directory / name)
-    return root
-
-
-def tls_flags(pki: Path, mode: str, verify_peer: bool = False) -> tuple[str, ...]:
-    flags = ("--tls", mode, "--tls-cert", str(pki / "server-cert.pem"), "--tls-key", str(pki / "server-key.pem"))
-    if verify_peer:
-        flags += ("--tls-ca", str(pki / "ca-cert.pem"), "--tls-verify-peer")
-    return flags
 
 
 def tls_uri(server, certificates: Path) -> str:
@@ -242,3 +195,36 @@ def test_garbage_instead_of_a_tls_handshake_leaves_nothing_behind(server_factory
     assert "without waiting for the reply" in server.log()
     assert server.status()["connections"] == 0
     nbdsh(tls_uri(server, pki / "anonymous"), "assert h.get_tls_negotiated()")
+
+
+def write_request(cookie: int, offset: int, data: bytes) -> bytes:
+    return struct.pack(">IHHQQI", 0x25609513, 0, 1, cookie, offset, len(data)) + data
+
+
+def test_sigterm_sends_close_notify_then_drops_what_the_client_still_sends(server_factory, pki):
+    """TLS has no half-close: on SIGTERM the server sends close_notify after its last reply,
+    then reads and drops what the client still sends until the client closes.  A server
+    that closed instead would reset a client still sending, which could lose replies it
+    had not read yet.  Nothing sent after the close_notify is run."""
+    server = server_factory("sigterm", extra=tls_flags(pki, "require"))
+    with plain_handshake(server) as raw:
+        raw.sendall(option(5))
+        assert read_final_reply(raw) == (5, 1)
+        context = ssl.create_default_context(cafile=str(pki / "ca-cert.pem"))
+        with context.wrap_socket(raw, server_hostname="localhost", suppress_ragged_eofs=False) as sock:
+            sock.sendall(go())
+            while read_reply(sock)[1] != 1:
+                pass
+            sock.sendall(write_request(1, 0, b"x" * 4096))
+            assert struct.unpack(">IIQ", _read_exactly(sock, 16)) == (0x67446698, 0, 1)
+            server.process.send_signal(signal.SIGTERM)
+            assert sock.recv(1) == b""  # close_notify (a bare end would raise SSLEOFError)
+            late = write_request(2, 1 << 20, b"y" * 65536)
+            for _ in range(128):  # 8 MiB, far more than the socket buffers hold
+                sock.sendall(late)
+    assert server.stop() == 0
+    server.start()
+    nbdsh(tls_uri(server, pki / "anonymous"), """
+        assert h.pread(4096, 0) == b"x" * 4096
+        assert h.pread(65536, 1 << 20) == bytes(65536)
+    """)
