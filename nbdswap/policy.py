@@ -313,10 +313,9 @@ class Policy:
         scanned = self._scanned
         self._blocked.clear()
         work = self._next_work(self.settings.batch)
-        jobs = self._jobs(work)
-        compactions = self._compaction_jobs()
-        await self._pay(len(work) + len(compactions) + (self._scanned - scanned) * SCAN_COST)
-        jobs += compactions
+        sparse = list(itertools.islice(self.store.sparse_payloads(), COMPACTIONS_PER_BATCH))
+        await self._pay(len(work) + len(sparse) + (self._scanned - scanned) * SCAN_COST)
+        jobs = self._jobs(work) + self._compaction_jobs(sparse)
         if not jobs:
             return self._scanning()
         results = await asyncio.gather(*(job for _, job in jobs), return_exceptions=True)
@@ -362,10 +361,11 @@ class Policy:
             moved += await self.store.repack(block)  # 0 at once unless in a sparse slab
         return moved
 
-    def _compaction_jobs(self) -> list[tuple[tuple, Awaitable]]:
-        """Compactions of grouped payloads that lost references (see :meth:`Store.compact`)."""
+    def _compaction_jobs(self, sparse: list[tuple[int, int]]) -> list[tuple[tuple, Awaitable]]:
+        """Compactions of grouped payloads ``(tier id, address)`` that lost references
+        (see :meth:`Store.compact`)."""
         jobs = []
-        for tier_id, addr in itertools.islice(self.store.sparse_payloads(), COMPACTIONS_PER_BATCH):
+        for tier_id, addr in sparse:
             name = TIER_NAMES[tier_id]
             jobs.append(((addr, name, "compact", name), self.store.compact(tier_id, addr)))
         return jobs
