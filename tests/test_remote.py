@@ -389,7 +389,10 @@ def any_redis(request, tmp_path):
 def remote_server(workdir, url, *, ram_max="0", disk_max="0", size="64M", **options) -> ServerProcess:
     extra = ["--remote", url, "--remote-retry-interval", "0.05"]
     for name, value in options.items():
-        extra += [f"--{name.replace('_', '-')}", str(value)]
+        if name == "policy":  # KEY=VALUE,KEY=VALUE
+            extra += [argument for setting in value.split(",") for argument in ("--policy", setting)]
+        else:
+            extra += [f"--{name.replace('_', '-')}", str(value)]
     workdir.mkdir(exist_ok=True)
     return ServerProcess(workdir, size=size, ram_max=ram_max, disk_max=disk_max, extra=tuple(extra))
 
@@ -433,8 +436,10 @@ def test_redis_killed_and_restarted_mid_run_loses_nothing(tmp_path, redis):
 
 
 def test_redis_gone_for_good_fails_only_remote_blocks(tmp_path, redis):
+    # The disk's watermarks at 100 %: the policy engine must not move its 16 blocks to
+    # Redis before the outage (it would, at once: the full disk is above disk_high).
     server = remote_server(tmp_path / "srv", redis.url, disk_max="64K", size="1M",
-                           remote_timeout=0.05).start()
+                           remote_timeout=0.05, policy="disk_high=1.0,disk_low=0.99").start()
     try:
         nbdsh(server.uri, """
             import random
