@@ -241,7 +241,7 @@ async def _serve(config: ServeConfig) -> None:
         raise ConfigError(f"cannot open the store in {config.state_dir}: {where}: {error.strerror or error}") from None
     device = BlockDevice(store, config.export, config.size, config.description)
     server = NBDServer(device, policy)
-    engine = Policy(store, config.policy_settings())
+    engine = Policy(store, config.policy_settings(), device.requests_served)
     started = time.time()
 
     def status(_request: dict) -> dict:

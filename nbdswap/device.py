@@ -139,6 +139,10 @@ class BlockDevice:
         self.errors[(operation, errno.name)] += 1
         connection.reply_error(request, errno, str(error) or type(error).__name__)
 
+    def requests_served(self) -> int:
+        """Requests of every operation executed so far (the policy engine's load gauge)."""
+        return sum(stats.requests for stats in self.stats.values())
+
     def count_rejected(self, command: int, error: Errno) -> None:
         """Count a request the protocol layer refused."""
         try:

@@ -273,6 +273,26 @@ async def test_idle_ram_pages_are_grouped_in_place(state_dir):
     await store.close()
 
 
+async def test_idle_work_waits_while_the_device_is_busy(state_dir):
+    """Grouping idle pages only gives memory back: it waits while requests come faster
+    than IDLE_WORK_MAX_REQUEST_RATE, and starts once they slow down."""
+    from nbdswap.policy import IDLE_WORK_MAX_REQUEST_RATE, LOAD_WINDOW
+
+    store = open_store(state_dir, ram_max=64 * SLAB_SIZE)
+    served = [0]
+    policy = Policy(store, PolicySettings(batch=32, moves_per_second=10 ** 6), lambda: served[0])
+    await store.write(0, b"".join(page(seed) for seed in range(48)))
+    store.heat[:] = bytes(len(store.heat))
+    for _ in range(5):
+        await asyncio.sleep(LOAD_WINDOW)
+        served[0] += IDLE_WORK_MAX_REQUEST_RATE * 100  # busy unless a step took 100 s
+        await policy.step()
+    assert store.move_stats()["moves"] == {}
+    await asyncio.sleep(LOAD_WINDOW)  # no request meanwhile
+    await run_until(policy, lambda: store.stats()["tiers"]["ram"].get("grouped_blocks") == 48)
+    await store.close()
+
+
 async def test_sparse_ram_slabs_are_repacked_and_give_their_memory_back(state_dir):
     store = open_store(state_dir, ram_max=64 * SLAB_SIZE)
     policy = Policy(store, PolicySettings(batch=64, moves_per_second=10 ** 6))
