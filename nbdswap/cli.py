@@ -1,7 +1,8 @@
 """nbdswap: a tiered swap device over NBD.
 
-``serve`` the device; ``status``, ``drain``, ``undrain`` and ``policy`` talk to a running
-server; ``attach`` and ``detach`` connect /dev/nbdN to one (inside the guest).
+serve runs the device; status, drain, undrain and policy talk to a running server;
+wipe deletes a stopped server's device; attach and detach connect /dev/nbdN to a
+server (inside the guest).
 """
 
 from __future__ import annotations

@@ -496,7 +496,8 @@ class Policy:
         for block, entry in self._scan(tier, "drain", clock=False):
             target = None if entry is None else self._with_room(targets, _moved_length(entry))
             if entry is not None and target is None:
-                self._stop_drain(tier, f"no other tier has room for the blocks of {tier}")
+                found = f" ({', '.join(sorted(drain.full))} found full or down)" if drain.full else ""
+                self._stop_drain(tier, f"no other tier has room for the blocks of {tier}{found}")
                 return
             yield block, target, "drain", tier
 
