@@ -249,6 +249,12 @@ def detach(index: int) -> None:
         netlink.close()
 
 
+#: Exit status when the server refused the first handshake (unknown export, block
+#: size, TLS): a configuration error that a restart does not cure, so the unit stops
+#: restarting on it (``RestartPreventExitStatus=`` in nbdswap-attach@.service).
+EXIT_REFUSED = 3
+
+
 def run_attach(options: AttachOptions) -> int:
     """Entry point of ``nbdswap attach``: exits 0 on SIGTERM/SIGINT."""
     use_reserved_heap()
@@ -259,7 +265,7 @@ def run_attach(options: AttachOptions) -> int:
         pass
     except HandshakeError as error:
         print(f"nbdswap attach: server {options.server}: {error}", file=sys.stderr)
-        return 1
+        return EXIT_REFUSED
     except OSError as error:
         print(f"nbdswap attach: {error}", file=sys.stderr)
         return 1

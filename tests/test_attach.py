@@ -4,10 +4,12 @@ handshake against a real server, netlink message encoding, argument parsing.
 
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -24,6 +26,8 @@ from nbdswap.protocol.constants import (
     TransmissionFlag,
 )
 from nbdutil import nbdswap_command, wait_for_unix_socket
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class Retried(Exception):
@@ -125,6 +129,24 @@ def test_first_dial_fails_at_once_on_a_block_size_the_server_does_not_take(nbdki
     options = attach.AttachOptions(server=nbdkit_4k, index=0, block_size=512)
     with pytest.raises(HandshakeError, match="block size 512 .*minimum 4096"):
         attach.dial_until_connected(options)
+
+
+def test_a_refused_first_dial_exits_with_the_status_the_unit_does_not_restart(server, monkeypatch, capsys):
+    """run_attach turns a refusal into EXIT_REFUSED, the status the guest unit lists in
+    RestartPreventExitStatus=, so that systemd does not retry a configuration error.
+    (attach() itself needs the kernel's nbd netlink family: only its dial runs here.)"""
+    stub_backoff(monkeypatch, stop_retrying)
+    monkeypatch.setattr(attach, "use_reserved_heap", lambda: None)  # it re-executes the process
+    monkeypatch.setattr(attach, "attach", attach.dial_until_connected)
+    options = attach.AttachOptions(server=f"unix://{server.socket}", index=0, export="nope")
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        assert attach.run_attach(options) == attach.EXIT_REFUSED
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    assert "export 'nope' refused" in capsys.readouterr().err
+    unit = (REPO / "deploy" / "guest" / "nbdswap-attach@.service").read_text()
+    assert f"RestartPreventExitStatus={attach.EXIT_REFUSED}" in unit.splitlines()
 
 
 def test_first_dial_waits_for_a_server_that_is_not_up_yet(server_factory, tmp_path, monkeypatch):
