@@ -21,13 +21,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-#: The logical size of every block a tier holds.
-BLOCK_BYTES = 4096
+from .metrics import BLOCK_BYTES, MOVE_REASONS
+
 #: Tier fields the tier table shows in rows of their own; it shows any others below them.
 TIER_FIELDS = ("blocks", "stored_bytes", "used_bytes", "capacity_bytes")
-#: Every reason the store and the policy engine count moves under, in the order the
-#: moves table lists them; a reason not listed here still shows, after these.
-MOVE_REASONS = ("demote", "promote", "drain", "compact", "regroup", "repack", "manual")
 #: Types of the further tier fields that get a row in the tier table; texts, such as a
 #: remote tier's last error, get a line under it instead.
 CELL_TYPES = (bool, int, float)
@@ -188,7 +185,8 @@ def _moves_by_reason(moves: dict[str, dict[str, dict[str, int]]]) -> dict[str, d
 
 
 def _in_reason_order(reasons: set[str]) -> list[str]:
-    """``reasons`` in :data:`MOVE_REASONS` order, any the list lacks last by name."""
+    """``reasons`` in :data:`~nbdswap.metrics.MOVE_REASONS` order (the moves table's
+    rows), any the list lacks last by name."""
     known = [reason for reason in MOVE_REASONS if reason in reasons]
     return known + sorted(reasons - set(MOVE_REASONS))
 
