@@ -44,6 +44,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, fields
+from functools import partial
 
 from .blockmap import COMPRESSED, GROUP_BITS, GROUP_SIZE, GROUPED, TIER_NAMES, TIER_RAM, Entry
 from .errors import NoSpaceError, StoreError, TierUnavailableError
@@ -541,9 +542,7 @@ class Policy:
         """The CLOCK hand of RAM's demotions goes on: cold compressed pages stored on
         their own are grouped; other payloads in sparse slabs are repacked."""
         ram, heat = self.store.tier("ram"), self.store.heat
-        for block, entry in self._walk("demote:ram", self.store.primaries):
-            if entry.tier != TIER_RAM:
-                continue
+        for block, entry in self._walk("demote:ram", partial(self.store.entries_on, TIER_RAM)):
             if not heat[block] and _groupable(entry):
                 yield block, "ram", "regroup", "ram"
                 continue
@@ -564,9 +563,7 @@ class Policy:
             if backing.tier == tier_id:
                 yield block, None
         heat = self.store.heat
-        for block, entry in self._walk(f"{reason}:{tier}", self.store.primaries):
-            if entry.tier != tier_id:
-                continue
+        for block, entry in self._walk(f"{reason}:{tier}", partial(self.store.entries_on, tier_id)):
             if clock and heat[block]:
                 heat[block] -= 1
                 continue

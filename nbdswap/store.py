@@ -127,6 +127,8 @@ LOCAL_TIERS = (RamTier, DiskTier)
 #: What a read or write sets a block's :attr:`Store.heat` to; the policy's CLOCK hand
 #: takes one off per pass, and demotes blocks it finds at zero.
 HOT = 3
+#: Counters of :meth:`Store.move_stats` besides the moves themselves.
+MOVE_EVENTS = ("move_races_lost", "clean_copy_hits", "clean_copies_dropped")
 
 #: Tiers that take grouped payloads (their slab allocators have spans for them, see
 #: tiers/slab.py): the cold ones, and RAM for pages idle long enough that a read may
@@ -195,10 +197,14 @@ class Store:
         self._corrupt_reads: Counter[int] = Counter()  # per tier id
         blocks = -(-size // BLOCK_SIZE)
         self.heat = bytearray(blocks)
+        #: The tier id of each block's current entry (staged or committed; TIER_NONE
+        #: for none): the policy's scans of one tier skip the others' blocks with a
+        #: ``find`` instead of a map read each (see :meth:`entries_on`).
+        self.block_tiers = bytearray(blocks)
         self._may_have_backing = bytearray(blocks)  # a superset of the blocks with a clean copy
         self._backings: Counter[int] = Counter()  # clean copies per tier id
         self._moves: Counter[tuple[str, str, str]] = Counter()  # (from, to, reason)
-        self._races_lost = self._clean_copy_hits = self._backings_dropped = 0
+        self._move_events: Counter[str] = Counter()
         #: Grouped payloads by slot: [references by map entries, payload length, map group,
         #: pages it holds (0 until known: learnt when it is decoded)].
         self._groups: dict[tuple[int, int], list[int]] = {}
@@ -268,6 +274,7 @@ class Store:
                 else:
                     entry = lost[block] = entry._replace(flags=entry.flags | LOST)
             self._count(entry, 1)
+            self.block_tiers[block] = entry.tier
         if lost:
             self._map.commit(lost, restored)
             log.error("%d blocks lost their data (%d restored from clean copies); the others read as "
@@ -479,7 +486,7 @@ class Store:
             payload, moved = await self._payload_of(block, entry, source)
         except StoreError:
             if (self._current(block), self._current_backing(block)) != (entry, backing):
-                self._races_lost += 1
+                self._move_events["move_races_lost"] += 1
                 return False  # rewritten meanwhile: its old slot may be gone already
             raise
         moved = moved._replace(tier=target.tier_id, addr=await target.put(payload))
@@ -504,7 +511,7 @@ class Store:
             return 0
         payload = await tier.get(entry.addr, entry.length)
         if (self._current(block), self._current_backing(block)) != (entry, backing):
-            self._races_lost += 1
+            self._move_events["move_races_lost"] += 1
             return 0
         addr = tier.repack_now(entry.addr, payload)
         if addr is None:
@@ -594,7 +601,7 @@ class Store:
                 and backing.tier not in self.draining else None
             batch = self._stage_if(block, entry, moved, expected_backing=backing, backing=kept)
             if batch is None:
-                self._races_lost += 1
+                self._move_events["move_races_lost"] += 1
                 continue
             self._moves[TIER_NAMES[entry.tier], TIER_NAMES[target.tier_id], reason] += 1
             batches.append(batch)
@@ -670,7 +677,7 @@ class Store:
             new = (entry, template._replace(checksum=backing.checksum))
         batch = self._stage_if(block, entry, new[0], expected_backing=backing, backing=new[1])
         if batch is None:
-            self._races_lost += 1
+            self._move_events["move_races_lost"] += 1
         else:
             self._moves[TIER_NAMES[slot[0]], TIER_NAMES[template.tier], reason] += 1
         return batch
@@ -697,7 +704,7 @@ class Store:
         batch = self._stage_if(block, entry, entry, expected_backing=backing, backing=None)
         if batch is None:
             return False
-        self._backings_dropped += 1
+        self._move_events["clean_copies_dropped"] += 1
         await self._settle([batch], fua=False)
         return True
 
@@ -705,10 +712,10 @@ class Store:
                            new: tuple[Entry, Entry | None], reason: str, hit: bool = False) -> bool:
         batch = self._stage_if(block, expected[0], new[0], expected_backing=expected[1], backing=new[1])
         if batch is None:
-            self._races_lost += 1
+            self._move_events["move_races_lost"] += 1
             return False
         self._moves[TIER_NAMES[expected[0].tier], TIER_NAMES[new[0].tier], reason] += 1
-        self._clean_copy_hits += hit
+        self._move_events["clean_copy_hits"] += hit
         await self._settle([batch], fua=False)
         return True
 
@@ -738,9 +745,18 @@ class Store:
             self.draining.discard(tier.tier_id)
         self._placements = self._placement_orders()
 
-    def primaries(self, first: int = 0) -> Iterator[tuple[int, Entry]]:
-        """Committed entries of stored blocks from ``first`` on (do not await while iterating)."""
-        return ((block, entry) for block, entry in self._map.items(first) if entry.is_stored)
+    def entries_on(self, tier_id: int, first: int = 0) -> Iterator[tuple[int, Entry]]:
+        """Current entries of the blocks stored on tier ``tier_id``, from block ``first``
+        on.  The blocks of other tiers are skipped in C (a ``memchr`` over
+        :attr:`block_tiers`), so a scan of a tier holding a few of the map's blocks
+        costs per block found, not per block mapped."""
+        tiers, marker = self.block_tiers, bytes((tier_id,))
+        block = tiers.find(marker, first)
+        while block >= 0:
+            entry = self._current(block)
+            if entry is not None and entry.tier == tier_id and entry.is_stored:
+                yield block, entry
+            block = tiers.find(marker, block + 1)
 
     def backings(self, first: int = 0) -> Iterator[tuple[int, Entry]]:
         """Committed clean copies from block ``first`` on (do not await while iterating)."""
@@ -753,9 +769,7 @@ class Store:
             moves.setdefault(source, {}).setdefault(target, {})[reason] = count
         return {
             "moves": moves,
-            "move_races_lost": self._races_lost,
-            "clean_copy_hits": self._clean_copy_hits,
-            "clean_copies_dropped": self._backings_dropped,
+            **{name: self._move_events[name] for name in MOVE_EVENTS},
             "clean_copies": {TIER_NAMES[tier_id]: self._backings[tier_id] for tier_id in TIER_NAMES},
             "draining": sorted(TIER_NAMES[tier_id] for tier_id in list(self.draining)),
         }
@@ -1116,6 +1130,7 @@ class Store:
         old_backing = self._current_backing(block)
         batch.base.setdefault(block, old)
         batch.changes[block] = entry
+        self.block_tiers[block] = TIER_NONE if entry is None else entry.tier
         if _frees(old, entry, backing):
             batch.replaced.append((block, old))
         self._hold(block, entry)
@@ -1160,7 +1175,9 @@ class Store:
         slot the batch filled is freed."""
         for block, entry in batch.changes.items():
             self._count(entry, -1)
-            self._count(batch.base[block], 1)
+            base = batch.base[block]
+            self._count(base, 1)
+            self.block_tiers[block] = TIER_NONE if base is None else base.tier
         for block, backing in batch.backing.items():
             self._count_backing(backing, -1)
             self._count_backing(batch.backing_base[block], 1)

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from nbdswap import store as store_module
-from nbdswap.blockmap import GROUPED, LOST, ZERO_ENTRY, MAP_FILE, SAME_FILLED, TIER_DISK, TIER_RAM, BlockMap
+from nbdswap.blockmap import GROUPED, LOST, ZERO_ENTRY, MAP_FILE, SAME_FILLED, TIER_DISK, TIER_NONE, TIER_RAM, BlockMap
 from nbdswap.errors import CorruptBlockError, NoSpaceError, StateDirError, StoreError, TierUnavailableError
 from nbdswap.store import BLOCK_SIZE, HOLE, ZERO, Store, _partial_edges, _split
 from nbdswap.tiers.disk import DISK_FILE
@@ -104,6 +104,12 @@ def counted(store: Store) -> dict:
         "same_filled_blocks": stats["same_filled_blocks"],
         "lost_blocks": stats["lost_blocks"],
     }
+
+
+def current_tiers(store: Store) -> bytearray:
+    """What :attr:`Store.block_tiers` should hold: each block's current entry's tier."""
+    entries = (store.entry(block) for block in range(len(store.block_tiers)))
+    return bytearray(TIER_NONE if entry is None else entry.tier for entry in entries)
 
 
 def make_tiers_yield(store: Store) -> None:
@@ -351,6 +357,11 @@ class StoreMachine(RuleBasedStateMachine):
     def counters_equal_a_recount(self):
         if self.store is not None:
             assert counted(self.store) == recount(self.store)
+
+    @invariant()
+    def block_tiers_name_each_blocks_tier(self):
+        if self.store is not None:
+            assert self.store.block_tiers == current_tiers(self.store)
 
     @invariant()
     def grouped_references_equal_the_map(self):
@@ -755,6 +766,7 @@ async def test_failed_commit_rolls_back(state_dir, monkeypatch):
     assert await store.read(0, 2 * BLOCK_SIZE) == old
     assert store.stats() == before
     assert counted(store) == recount(store)
+    assert store.block_tiers == current_tiers(store)
     await store.write(0, bytes(SECTOR))
     assert await store.read(0, BLOCK_SIZE) == bytes(SECTOR) + old[SECTOR:BLOCK_SIZE]
     await store.close()
