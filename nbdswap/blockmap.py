@@ -30,6 +30,7 @@ crash (NBD FLUSH/FUA).
 
 from __future__ import annotations
 
+import itertools
 import struct
 import uuid
 from collections.abc import Iterator, Mapping
@@ -314,10 +315,10 @@ class BlockMap:
         The read transaction stays open until the iterator is exhausted or closed, so
         do not hold it across awaits.
         """
-        for block, entry in self._iterate(self._blocks, first):
-            if last is not None and block > last:
-                return
-            yield block, entry
+        entries = self._iterate(self._blocks, first)
+        if last is None:
+            return entries
+        return itertools.takewhile(lambda item: item[0] <= last, entries)
 
     def backing_items(self, first: int = 0) -> Iterator[tuple[int, Entry]]:
         """Clean copies of blocks ``first..`` in block order (same rules as :meth:`items`)."""
@@ -401,18 +402,13 @@ def _entry_in(group: bytes | None, slot: int) -> Entry | None:
 
 
 def _group_entries(group: bytes) -> Iterator[tuple[int, Entry]]:
-    """(slot, entry) of a packed group value, in slot order."""
-    for slot, offset in _slot_offsets(group):
-        yield slot, Entry.unpack(group, offset)
-
-
-def _slot_offsets(group: bytes) -> Iterator[tuple[int, int]]:
-    """(slot, offset of its record) of a packed group value, in slot order."""
-    bitmap = _BITMAP.unpack_from(group)[0]
+    """(slot, entry) of a packed group value, in slot order (one generator and one
+    decoder call per entry: the start-up rebuild walks every entry)."""
+    bitmap = group[0] | group[1] << 8  # _BITMAP, little-endian
     offset = _BITMAP_SIZE
     while bitmap:
         lowest = bitmap & -bitmap
-        yield lowest.bit_length() - 1, offset
+        yield lowest.bit_length() - 1, _unpack_entry(group, offset)
         offset += _RECORD_SIZE
         bitmap ^= lowest
 

@@ -275,6 +275,8 @@ class Store:
                     entry = lost[block] = entry._replace(flags=entry.flags | LOST)
             self._count(entry, 1)
             self.block_tiers[block] = entry.tier
+        for tier in self._tiers.values():
+            tier.finish_marking()
         if lost:
             self._map.commit(lost, restored)
             log.error("%d blocks lost their data (%d restored from clean copies); the others read as "
@@ -305,7 +307,8 @@ class Store:
         tier = self._tiers.get(entry.tier)
         if tier is not None and tier.fresh:
             return False
-        share = self._groups.get(_slot(entry)) if entry.flags & GROUPED else None
+        grouped = entry.flags & GROUPED
+        share = self._groups.get(_slot(entry)) if grouped else None
         if share is not None and share[1] != entry.length:
             log.error("block %d: grouped payload at %d of tier %d has two lengths", block, entry.addr, entry.tier)
             return False
@@ -315,7 +318,8 @@ class Store:
             except ValueError as error:
                 log.error("block %d: %s", block, error)
                 return False
-        self._hold(block, entry)  # not configured now: reads fail, the data stays for later
+        if grouped:
+            self._hold(block, entry)  # not configured now: reads fail, the data stays for later
         return True
 
     # --- the block device API ---------------------------------------------------

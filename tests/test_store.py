@@ -112,6 +112,11 @@ def current_tiers(store: Store) -> bytearray:
     return bytearray(TIER_NONE if entry is None else entry.tier for entry in entries)
 
 
+def fullness_groups(store: Store) -> dict[int, list]:
+    """Each slab tier's partly used slabs, by class and fullness."""
+    return {tier_id: tier.allocator._partial for tier_id, tier in store._tiers.items()}
+
+
 def make_tiers_yield(store: Store) -> None:
     """Make every tier get/put give the event loop a turn first, as a slow tier would,
     so that concurrent operations interleave inside their read-modify-write."""
@@ -336,8 +341,10 @@ class StoreMachine(RuleBasedStateMachine):
     @rule()
     def restart(self):
         self.run(self.store.close())
+        groups = fullness_groups(self.store)
         self.store = None
         self._open()
+        assert fullness_groups(self.store) == groups  # new payloads fill the same slabs
 
     @rule()
     def kill(self):

@@ -88,12 +88,14 @@ class AllocatorMachine(RuleBasedStateMachine):
         rebuilt = self._new_allocator()
         for addr, length in random.Random(len(self.live)).sample(sorted(self.live.items()), len(self.live)):
             rebuilt.mark_used(addr, length)
+        rebuilt.finish_marking()
         assert (rebuilt.blocks, rebuilt.stored_bytes, rebuilt.used_bytes, rebuilt.slab_bytes) == (
             self.allocator.blocks,
             self.allocator.stored_bytes,
             self.allocator.used_bytes,
             self.allocator.slab_bytes,
         )
+        assert rebuilt._partial == self.allocator._partial  # the same slabs are filled next
         self.allocator = rebuilt
 
     @invariant()

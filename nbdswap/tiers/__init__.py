@@ -3,7 +3,8 @@
 A tier stores opaque payloads of 1..4096 bytes (the disk tier also grouped payloads of
 up to 32 KiB, see :mod:`nbdswap.tiers.slab`) and hands out integer addresses.  It
 knows nothing about blocks: the block map records which address holds which block, and
-at start-up the store replays the map into each tier with :meth:`Tier.mark_used`.
+at start-up the store replays the map into each tier with :meth:`Tier.mark_used`
+(then :meth:`Tier.finish_marking`).
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ class Tier(abc.ABC):
 
         Raises :class:`ValueError` when that contradicts what is already recorded.
         """
+
+    def finish_marking(self) -> None:
+        """Called once after the last :meth:`mark_used` of a start-up."""
 
     @abc.abstractmethod
     async def sync(self) -> None:
