@@ -131,3 +131,11 @@ def test_swap_locality_help() -> None:
     text = run(str(BENCH / "swap_locality.py"), "run", "--help", timeout=60)
     for option in ("--workload", "--store", "--lru-gen"):
         assert option in text
+
+
+def test_store_costs_rebuild_and_scan() -> None:
+    rebuilt = run(str(BENCH / "store_costs.py"), "rebuild", "--blocks", "1000")
+    assert "start-up with 1,000 mapped blocks" in rebuilt
+    scanned = run(str(BENCH / "store_costs.py"), "scan", "--blocks", "300", "--ram-blocks", "30")
+    # RAM's hand looks at RAM's 30 blocks only, not at the 270 on disk.
+    assert "RAM holds 30 of 300 blocks" in scanned and "30 map entries looked at" in scanned
