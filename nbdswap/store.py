@@ -102,6 +102,7 @@ from .codec import (
     same_filled_page,
 )
 from .errors import CorruptBlockError, NoSpaceError, StateDirError, StoreError, TierUnavailableError
+from .grouped_payloads import GroupedPayloads
 from .tiers import Tier
 from .tiers.disk import DISK_FILE, DiskTier
 from .tiers.ram import RamTier
@@ -205,9 +206,7 @@ class Store:
         self._backings: Counter[int] = Counter()  # clean copies per tier id
         self._moves: Counter[tuple[str, str, str]] = Counter()  # (from, to, reason)
         self._move_events: Counter[str] = Counter()
-        #: Grouped payloads by slot: [references by map entries, payload length, map group,
-        #: pages it holds (0 until known: learnt when it is decoded)].
-        self._groups: dict[tuple[int, int], list[int]] = {}
+        self._groups = GroupedPayloads()
         self._sparse: dict[tuple[int, int], None] = {}  # payloads that lost a reference
         self._grouped: Counter[tuple[int, str]] = Counter()  # (tier id, payloads|refs|bytes)
         self._group_cache: OrderedDict[tuple[int, int], Group] = OrderedDict()
@@ -309,7 +308,7 @@ class Store:
             return False
         grouped = entry.flags & GROUPED
         share = self._groups.get(_slot(entry)) if grouped else None
-        if share is not None and share[1] != entry.length:
+        if share is not None and share.length != entry.length:
             log.error("block %d: grouped payload at %d of tier %d has two lengths", block, entry.addr, entry.tier)
             return False
         if tier is not None and share is None:
@@ -522,8 +521,8 @@ class Store:
             return 0
         slot, template = _slot(entry), entry._replace(addr=addr)
         if entry.flags & GROUPED:
-            share = self._groups[slot]
-            holders = self._holders(share[2], slot)
+            share = self._groups.get(slot)
+            holders = self._holders(share.group, slot)
         else:
             holders = [(block, entry, backing)]
         batches = [batch for holder in holders
@@ -531,7 +530,7 @@ class Store:
         if not batches:
             tier.free(addr, entry.length)
         elif entry.flags & GROUPED:
-            self._groups[_slot(template)][3] = share[3]
+            self._groups.set_pages(_slot(template), share.pages)
         await self._settle(batches, fua=False)
         return len(batches)
 
@@ -610,7 +609,7 @@ class Store:
             self._moves[TIER_NAMES[entry.tier], TIER_NAMES[target.tier_id], reason] += 1
             batches.append(batch)
         if batches:
-            self._groups[target.tier_id, addr][3] = len(pages)
+            self._groups.set_pages((target.tier_id, addr), len(pages))
         else:
             target.free(addr, len(payload))
         await self._settle(batches, fua=False)
@@ -632,14 +631,14 @@ class Store:
         tier = self._tiers.get(tier_id)
         if share is None or tier is None or tier_id in self.draining:
             return 0
-        holders = self._holders(share[2], (tier_id, addr))
+        holders = self._holders(share.group, (tier_id, addr))
         pages = {}
         for block, entry, backing in holders:
             try:
                 pages[block] = await self._load(block, entry if _in_slot(entry, (tier_id, addr)) else backing)
             except StoreError:
                 return 0  # a damaged payload stays: its blocks read as EIO until rewritten
-        packed = share[3] or len(pages)
+        packed = share.pages or len(pages)
         if len(pages) > COMPACT_LIVE_SHARE * packed:
             return 0
         payload = encode_group({block & (GROUP_SIZE - 1): page for block, page in pages.items()}) \
@@ -654,7 +653,7 @@ class Store:
         batches = [batch for holder in holders
                    if (batch := self._repoint(holder, (tier_id, addr), template, "compact")) is not None]
         if batches:
-            self._groups[tier_id, new_addr][3] = len(pages)
+            self._groups.set_pages((tier_id, new_addr), len(pages))
         else:
             tier.free(new_addr, len(payload))
         await self._settle(batches, fua=False)
@@ -909,9 +908,8 @@ class Store:
             group = decode_group(payload)
         except DecodeError as error:
             raise CorruptBlockError(f"block {block} on the {tier.name} tier: {error}") from None
-        share = self._groups.get(_slot(entry))
-        if freed == self._groups_freed and share is not None:
-            share[3] = group.bitmap.bit_count()
+        if freed == self._groups_freed and _slot(entry) in self._groups:
+            self._groups.set_pages(_slot(entry), group.bitmap.bit_count())
             self._group_cache[_slot(entry)] = group
             if len(self._group_cache) > GROUP_CACHE_LIMIT:
                 self._group_cache.popitem(last=False)
@@ -1079,26 +1077,21 @@ class Store:
         """Count a new map reference (of ``block``) to a grouped payload."""
         if entry is None or not entry.flags & GROUPED or not entry.is_stored:
             return
-        share = self._groups.get(_slot(entry))
-        if share is None:
-            share = self._groups[_slot(entry)] = [0, entry.length, block >> GROUP_BITS, 0]
+        if self._groups.hold(_slot(entry), entry.length, block >> GROUP_BITS):
             self._grouped[entry.tier, "payloads"] += 1
             self._grouped[entry.tier, "bytes"] += entry.length
-        share[0] += 1
         self._grouped[entry.tier, "refs"] += 1
 
     def _release(self, entry: Entry, count: int) -> bool:
         """Drop ``count`` references to a grouped payload; True if that was the last."""
-        share = self._groups.get(_slot(entry))
-        if share is None or share[0] < count:
+        left = self._groups.release(_slot(entry), count)
+        if left is None:
             log.error("grouped payload at %d of tier %d: more references dropped than held", entry.addr, entry.tier)
             return False
-        share[0] -= count
         self._grouped[entry.tier, "refs"] -= count
-        if share[0]:
+        if left:
             self._sparse[_slot(entry)] = None
             return False
-        del self._groups[_slot(entry)]
         self._sparse.pop(_slot(entry), None)
         self._grouped[entry.tier, "payloads"] -= 1
         self._grouped[entry.tier, "bytes"] -= entry.length

@@ -357,7 +357,7 @@ async def test_a_grouped_payload_is_repacked_with_every_entry_pointing_at_it(sta
     moved = store.entry(0)
     assert moved.addr // SLAB_SIZE != grouped.addr // SLAB_SIZE
     assert all(store.entry(block) == moved._replace(checksum=store.entry(block).checksum) for block in range(16))
-    assert {slot: share[0] for slot, share in store._groups.items()} == grouped_references(store) \
+    assert store._groups.references() == grouped_references(store) \
         == {(TIER_RAM, moved.addr): 16}
     assert store.move_stats()["moves"]["ram"]["ram"]["repack"] == 16
     assert await store.repack(5) == 0  # its new slab is not sparse
@@ -597,7 +597,7 @@ class PolicyModel(RuleBasedStateMachine):
         if self.store._batch is None:
             tiers = self.store.stats()["tiers"]
             assert tiers["ram"]["blocks"] + tiers["disk"]["blocks"] == stored + backings
-            assert {slot: share[0] for slot, share in self.store._groups.items()} == grouped_references(self.store)
+            assert self.store._groups.references() == grouped_references(self.store)
             self.grouped = max(self.grouped, tiers["disk"]["grouped_payloads"] + tiers["ram"]["grouped_payloads"])
 
     def teardown(self):

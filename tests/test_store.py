@@ -373,7 +373,7 @@ class StoreMachine(RuleBasedStateMachine):
     @invariant()
     def grouped_references_equal_the_map(self):
         if self.store is not None and self.store._batch is None:
-            assert {slot: share[0] for slot, share in self.store._groups.items()} == grouped_references(self.store)
+            assert self.store._groups.references() == grouped_references(self.store)
 
     @invariant()
     def extents_cover_the_device_and_zeros_read_as_zeros(self):
@@ -1123,7 +1123,7 @@ async def test_restart_rebuilds_references_and_frees_nothing_still_referenced(st
     assert disk_usage(store)[:2] == (2, 17)
     assert {slot: share[:3] for slot, share in store._groups.items()} == {
         slot: share for slot, share in zip(grouped_references(store),
-                                           ([1, store.entry(15).length, 0], [16, store.entry(16).length, 1]))}
+                                           ((1, store.entry(15).length, 0), (16, store.entry(16).length, 1)))}
     fresh = make_data("random", 8, 16 * BLOCK_SIZE)
     await store.write(15 * BLOCK_SIZE, fresh[:BLOCK_SIZE])  # frees the first payload
     await store.write(0, fresh[BLOCK_SIZE:] + fresh[:BLOCK_SIZE])  # disk slots, maybe the freed one
@@ -1191,7 +1191,7 @@ async def test_a_failed_grouped_commit_frees_the_payload(state_dir, monkeypatch)
     with pytest.raises(StoreError, match="commit failed"):
         await store.move_group(range(16), "disk")
     monkeypatch.undo()
-    assert store.stats()["tiers"] == before["tiers"] and store._groups == {}
+    assert store.stats()["tiers"] == before["tiers"] and len(store._groups) == 0
     assert store.tier("disk").used_bytes == 0
     assert await store.read(0, len(data)) == data
     await store.close()
