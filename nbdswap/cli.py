@@ -157,10 +157,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        status = args.run(args)
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        return _reader_gone()
     except (ConfigError, admin.AdminError) as error:
         print(f"nbdswap: {error}", file=sys.stderr)
         return 2
+
+
+def _reader_gone() -> int:
+    """Whoever read the output stopped (``nbdswap status | head``): exit 1 without a
+    traceback, and without a second one when Python flushes stdout at exit."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 1
 
 
 # --- serve ---------------------------------------------------------------------

@@ -192,6 +192,22 @@ def test_a_refused_admin_command_is_one_log_line_not_a_traceback(tmp_path):
     assert log.count("refused") == 2, log
 
 
+def test_output_to_a_closed_pipe_is_no_traceback(tmp_path):
+    """``nbdswap status | head``: the reader goes away before the output is written."""
+    process, _ = serve(tmp_path, "--size", "64M", "--ram-max", "8M", "--disk-max", "0",
+                       "--listen", f"unix://{tmp_path / 's.sock'}")
+    try:
+        for command in (["status", "--json"], ["status", "--interval", "0"], ["policy", "show"]):
+            read_end, write_end = os.pipe()
+            os.close(read_end)
+            with os.fdopen(write_end, "wb") as closed_pipe:
+                result = subprocess.run(nbdswap_command() + [*command, "--state-dir", str(tmp_path / "state")],
+                                        stdout=closed_pipe, stderr=subprocess.PIPE, text=True, timeout=30)
+            assert result.returncode == 1 and result.stderr == "", (command, result.stderr)
+    finally:
+        assert stop(process) == 0
+
+
 def test_wipe_gives_a_stopped_devices_memory_and_files_back(tmp_path):
     from nbdswap.tiers.ram import arena_path
 
