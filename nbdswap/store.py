@@ -67,7 +67,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import lmdb
 
@@ -101,13 +101,16 @@ from .codec import (
     encode_group,
     same_filled_page,
 )
+from .config import RemoteSettings
 from .errors import CorruptBlockError, NoSpaceError, StateDirError, StoreError, TierUnavailableError
 from .grouped_payloads import GroupedPayloads
 from .tiers import Tier
 from .tiers.disk import DISK_FILE, DiskTier
 from .tiers.ram import RamTier
 from .tiers.slab import SlabTier
-from .tiers.remote import RemoteSettings, RemoteTier
+
+if TYPE_CHECKING:  # imported when a remote tier is configured: redis costs 6 MiB of memory
+    from .tiers.remote import RemoteTier
 
 log = logging.getLogger(__name__)
 
@@ -780,7 +783,7 @@ class Store:
     def stats(self) -> dict:
         empty = dict.fromkeys(("blocks", "stored_bytes", "used_bytes", "capacity_bytes"), 0)
         tiers = {tier_class.name: {**empty, "slab_bytes": 0} for tier_class in LOCAL_TIERS}
-        tiers[RemoteTier.name] = {**empty, "up": False, "configured": False}
+        tiers[TIER_NAMES[TIER_REMOTE]] = {**empty, "up": False, "configured": False}
         for tier in self._tiers.values():
             tiers[tier.name] = {**tier.stats(), **self._grouped_stats(tier)}
             if tier is self._remote:
@@ -1384,6 +1387,8 @@ def _open_remote(blockmap: BlockMap, settings: RemoteSettings, state_dir: Path) 
     if prefix != settings.prefix:
         raise StateDirError(f"{state_dir} keeps its remote blocks under the key prefix {prefix!r}, "
                             f"not {settings.prefix!r}; use --remote-prefix {prefix!r}")
+    from .tiers.remote import RemoteTier
+
     return RemoteTier.open(settings, blockmap.instance_id, blockmap.next_remote_epoch())
 
 

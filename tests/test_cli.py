@@ -5,6 +5,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -338,3 +339,10 @@ def test_sigterm_ends_the_linger_of_a_client_that_never_closes(tmp_path):
         assert stop(process) == 0
         client.settimeout(30)
         assert client.recv(1) == b""
+
+
+def test_a_server_without_a_remote_tier_does_not_load_redis():
+    """redis-py costs a server 6 MiB of memory; only a configured remote tier imports it."""
+    check = ("import sys, nbdswap.cli, nbdswap.server, nbdswap.store, nbdswap.policy, nbdswap.metrics, "
+             "nbdswap.admin; assert 'redis' not in sys.modules, 'redis imported'")
+    subprocess.run([sys.executable, "-c", check], check=True, timeout=60)
