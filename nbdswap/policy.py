@@ -48,7 +48,7 @@ from functools import partial
 
 from .blockmap import COMPRESSED, GROUP_BITS, GROUP_SIZE, GROUPED, TIER_NAMES, TIER_RAM, Entry
 from .errors import NoSpaceError, StoreError, TierUnavailableError
-from .store import BLOCK_SIZE, GROUPED_TIERS, Store
+from .store import BLOCK_SIZE, GROUPED_TIERS, HOT, Store
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +232,8 @@ class Policy:
         self._stalled: Counter[str] = Counter()  # demotions that found no room below
         self._blocked: set[str] = set()  # tiers whose demotion found no room this step
         self._scanned = 0  # map entries looked at, for the budget
+        #: One byte per map group: its idle RAM pages stayed apart when last offered.
+        self._regroups_refused = bytearray((len(store.heat) >> GROUP_BITS) + 1)
         self._tokens = 0.0
         self._refilled = time.monotonic()
         store.on_slow_read = self._slow_read
@@ -319,7 +321,7 @@ class Policy:
 
     async def step(self) -> bool:
         """One rate-limited batch of work; True if there may be more to do right away:
-        moves ran, or a drain or demotion has more of the map to scan.  (Waiting
+        something moved, or a drain or demotion has more of the map to scan.  (Waiting
         ``interval`` after each batch that only scanned made a drain's pass over a map
         of 100k blocks take 78 s, and demotion start 57 s late on 24,500 blocks.)"""
         scanned = self._scanned
@@ -339,7 +341,7 @@ class Policy:
         self._record(item[2] for (item, _), result in zip(jobs, results)
                      if not isinstance(result, BaseException) and item[1] is not None
                      for _ in range(int(result)))
-        return True
+        return any(result for result in results if not isinstance(result, BaseException)) or self._scanning()
 
     def _jobs(self, work: list[tuple]) -> list[tuple[tuple, Awaitable]]:
         """``(item, coroutine)`` for the work: demotions and drains into a grouped tier
@@ -367,8 +369,13 @@ class Policy:
 
     async def _regroup(self, blocks: list[int], target: str) -> int:
         """Group idle RAM pages in place; those left alone (the group would not fit one
-        payload, or had one page) are repacked if they lie in a sparse slab."""
+        payload, would not save ``REGROUP_MIN_SAVING`` of their bytes, or had one page)
+        are repacked if they lie in a sparse slab.  A group of pages that stayed apart is
+        not offered again until one of its pages is read or written: it would only be
+        compressed and refused again on every pass of the hand."""
         moved = await self.store.move_group(blocks, target, "regroup")
+        if not moved and len(blocks) >= 2:
+            self._regroups_refused[blocks[0] >> GROUP_BITS] = 1
         for block in blocks:
             moved += await self.store.repack(block)  # 0 at once unless in a sparse slab
         return moved
@@ -541,13 +548,16 @@ class Policy:
     def _idle_ram_work(self) -> Iterator[tuple]:
         """The CLOCK hand of RAM's demotions goes on: cold compressed pages stored on
         their own are grouped; other payloads in sparse slabs are repacked."""
-        ram, heat = self.store.tier("ram"), self.store.heat
+        ram, heat, refused = self.store.tier("ram"), self.store.heat, self._regroups_refused
         for block, entry in self._walk("demote:ram", partial(self.store.entries_on, TIER_RAM)):
-            if not heat[block] and _groupable(entry):
+            group = block >> GROUP_BITS
+            if heat[block]:
+                if heat[block] == HOT:  # read or written since the hand last passed
+                    refused[group] = 0
+                heat[block] -= 1
+            elif _groupable(entry) and not refused[group]:
                 yield block, "ram", "regroup", "ram"
                 continue
-            if heat[block]:
-                heat[block] -= 1
             if ram.in_sparse_slab(entry.addr, entry.length):
                 yield block, "ram", "repack", "ram"
 

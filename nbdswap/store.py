@@ -646,6 +646,9 @@ class Store:
                 pages[block] = await self._load(block, entry if _in_slot(entry, (tier_id, addr)) else backing)
             except StoreError:
                 return 0  # a damaged payload stays: its blocks read as EIO until rewritten
+        share = self._groups.get((tier_id, addr))  # the loads may have learnt how many pages it holds
+        if share is None:
+            return 0
         packed = share.pages or len(pages)
         if len(pages) > COMPACT_LIVE_SHARE * packed:
             return 0

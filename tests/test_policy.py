@@ -388,6 +388,37 @@ async def test_pages_that_group_no_smaller_stay_where_they_are_unless_they_move(
     await store.close()
 
 
+async def test_groups_that_stayed_apart_are_not_offered_again_until_touched(state_dir, monkeypatch):
+    """Refused groups used to be compressed and refused again on every pass, and the
+    engine, busy whenever it had jobs, never went idle (9 % of a core on 4,096 pages)."""
+    store = open_store(state_dir, ram_max=64 * SLAB_SIZE)
+    rng = random.Random(5)
+    await store.write(0, b"".join(rng.randbytes(1000) + bytes(BLOCK_SIZE - 1000) for _ in range(64)))
+    store.heat[:] = bytes(len(store.heat))
+    policy = Policy(store, PolicySettings(moves_per_second=10 ** 6))
+    offered = []
+    move_group = store.move_group
+
+    async def counting(blocks, *args):
+        offered.append(min(blocks) >> 4)
+        return await move_group(blocks, *args)
+
+    monkeypatch.setattr(store, "move_group", counting)
+    for _ in range(20):
+        if not await policy.step():
+            break
+    else:
+        pytest.fail("the engine never went idle")
+    for _ in range(10):  # further passes of the hand
+        assert not await policy.step()
+    assert sorted(offered) == [0, 1, 2, 3] and store.stats()["tiers"]["ram"]["grouped_payloads"] == 0
+    await store.write(16 * BLOCK_SIZE, rng.randbytes(1000) + bytes(BLOCK_SIZE - 1000))  # group 1 changes
+    for _ in range(40):
+        await policy.step()
+    assert sorted(offered) == [0, 1, 1, 2, 3]  # once it cooled down again
+    await store.close()
+
+
 async def test_ram_is_not_grouped_while_it_is_demoted(state_dir):
     store = open_store(state_dir, ram_max=8 * SLAB_SIZE)
     policy = Policy(store, PolicySettings(ram_high=0.3, ram_low=0.2, batch=8, moves_per_second=10 ** 6))

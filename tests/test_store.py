@@ -1197,6 +1197,22 @@ async def test_a_failed_grouped_commit_frees_the_payload(state_dir, monkeypatch)
     await store.close()
 
 
+async def test_after_a_restart_compaction_learns_how_many_pages_a_payload_holds(state_dir):
+    """A restart forgets each payload's page count; the compaction's own loads decode the
+    payload and learn it, and must use it (a stale copy of the count refused it)."""
+    data = make_data("text", 22, 16 * BLOCK_SIZE)
+    store = await grouped_store(state_dir, data)
+    await store.close()
+    store = open_store(state_dir, ram_max=0)
+    assert store._groups.get((TIER_DISK, store.entry(0).addr)).pages == 0
+    await store.trim(0, 10 * BLOCK_SIZE)  # 6 of 16 live
+    [slot] = list(store.sparse_payloads())
+    assert await store.compact(*slot) == 6
+    assert slot not in store._groups
+    assert await store.read(10 * BLOCK_SIZE, 6 * BLOCK_SIZE) == data[10 * BLOCK_SIZE :]
+    await store.close()
+
+
 async def test_compaction_restores_live_pages_and_frees_the_sparse_payload(state_dir):
     data = make_data("text", 21, 32 * BLOCK_SIZE)
     store = await grouped_store(state_dir, data)
