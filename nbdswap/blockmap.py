@@ -30,7 +30,6 @@ crash (NBD FLUSH/FUA).
 
 from __future__ import annotations
 
-import itertools
 import struct
 import uuid
 from collections.abc import Iterator, Mapping
@@ -315,24 +314,23 @@ class BlockMap:
         The read transaction stays open until the iterator is exhausted or closed, so
         do not hold it across awaits.
         """
-        entries = self._iterate(self._blocks, first)
-        if last is None:
-            return entries
-        return itertools.takewhile(lambda item: item[0] <= last, entries)
+        return self._iterate(self._blocks, first, last)
 
     def backing_items(self, first: int = 0) -> Iterator[tuple[int, Entry]]:
         """Clean copies of blocks ``first..`` in block order (same rules as :meth:`items`)."""
         return self._iterate(self._backing, first)
 
-    def _iterate(self, db, first: int) -> Iterator[tuple[int, Entry]]:
+    def _iterate(self, db, first: int, last: int | None = None) -> Iterator[tuple[int, Entry]]:
         with self._env.begin(db=db) as txn:
             cursor = txn.cursor()
             if not cursor.set_range(key(first >> GROUP_BITS)):
                 return
             for raw_key, value in cursor:
                 base = int.from_bytes(raw_key, "big") << GROUP_BITS
+                if last is not None and base > last:
+                    return
                 for slot, entry in _group_entries(value):
-                    if base + slot >= first:
+                    if first <= base + slot and (last is None or base + slot <= last):
                         yield base + slot, entry
 
     def last_block(self) -> int | None:

@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         return status
     except BrokenPipeError:
+        if args.run in (_cmd_serve, _cmd_attach):
+            raise
         return _reader_gone()
     except (ConfigError, admin.AdminError) as error:
         print(f"nbdswap: {error}", file=sys.stderr)
@@ -168,9 +170,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _reader_gone() -> int:
-    """Whoever read the output stopped (``nbdswap status | head``): exit 1 without a
-    traceback, and without a second one when Python flushes stdout at exit."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    """Whoever read a command's output stopped (``nbdswap status | head``): exit 1
+    without a traceback, and without a second one when Python flushes stdout at exit.
+    (Not for ``serve`` and ``attach``: a broken pipe there is an error to report.)"""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
     return 1
 
 

@@ -6,7 +6,7 @@ A grouped payload holds the pages of several blocks of one map group (see
 pages it holds.  A list of four ints per payload in a dict keyed by ``(tier, address)``
 cost 224 bytes of heap per payload (300 in a running server, tracemalloc): 8 % of the
 stored bytes of pages grouped four to a payload, as pages written in random order are.
-Packed into one int keyed by one int, a payload costs 120 bytes.
+Packed into one int keyed by one int, a payload costs 112-120 bytes.
 """
 
 from __future__ import annotations

@@ -25,7 +25,9 @@ copy, compare-and-swap the map entry and free the old slot), in rate-limited bat
   draining, its CLOCK hand goes on; the pages it finds cold that are stored one by one
   are compressed in place with the other cold ones of their map group (the
   ``regroup`` moves), as zram recompresses idle pages.  About a fifth less memory for
-  pages that sat unread for several passes; a read of one then decodes its group.
+  pages that sat unread for several passes; a read of one then decodes its group.  A
+  group that would not save ``REGROUP_MIN_SAVING`` (pages written in random order) is
+  left apart, and not offered again until one of its pages is read or written.
   The same hand moves payloads out of RAM's sparse slabs into fuller ones of their
   size class (``repack``, as zsmalloc compacts), so those slabs empty and their memory
   goes back to the system.

@@ -109,7 +109,7 @@ from .tiers.disk import DISK_FILE, DiskTier
 from .tiers.ram import RamTier
 from .tiers.slab import SlabTier
 
-if TYPE_CHECKING:  # imported when a remote tier is configured: redis costs 6 MiB of memory
+if TYPE_CHECKING:  # imported when a remote tier is configured: redis costs about 6 MiB of memory
     from .tiers.remote import RemoteTier
 
 log = logging.getLogger(__name__)
@@ -558,7 +558,8 @@ class Store:
         there) move one by one with :meth:`move`; so do all when fewer than two would
         share it, it would exceed the codec's limit, or the tier has no room for it.
         Each block's entry is compare-and-swapped as in :meth:`move`.  Pages stored one
-        by one on ``to_tier`` itself join the payload too: that groups them in place.
+        by one on ``to_tier`` itself join the payload too: that groups them in place, if
+        it saves :data:`REGROUP_MIN_SAVING` of their bytes (else nothing moves).
         """
         target = self._tier_named(to_tier)
         blocks = list(blocks)

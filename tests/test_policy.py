@@ -226,7 +226,7 @@ async def test_a_demotion_scan_goes_on_at_once_until_it_finds_cold_blocks(state_
 
 async def test_a_scan_looks_only_at_its_tiers_blocks(state_dir):
     """RAM's CLOCK hand walks RAM's blocks only: it used to read every map entry and
-    skip the other tiers', which cost 23 us of CPU (and 1/16 of a move's budget each)
+    skip the other tiers', which cost 22-23 us of CPU (and 1/16 of a move's budget each)
     per RAM block found when RAM held 6 % of the map's blocks."""
     store = open_store(state_dir, ram_max=64 * SLAB_SIZE)
     in_ram = set(range(0, 1000, 10))

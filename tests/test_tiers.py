@@ -232,6 +232,7 @@ async def test_round_trip_and_reopen(tier_class, state_dir):
     for addr, payload in zip(addrs, payloads):
         tier.mark_used(addr, len(payload))
         assert await tier.get(addr, len(payload)) == payload
+    tier.finish_marking()
     new = await tier.put(b"x" * 100)
     assert new not in addrs
     tier.close()
@@ -459,6 +460,7 @@ async def test_ram_spans_cost_the_memory_of_what_they_hold(state_dir):
         tier.mark_used(addr, len(payload))
         assert await tier.get(addr, len(payload)) == payload
     tier.mark_used(small, 13)
+    tier.finish_marking()
     assert tier.stats()["slab_bytes"] == reserved
     assert not tier.has_room(10_000)
     with pytest.raises(NoSpaceError):
