@@ -234,7 +234,7 @@ class SlabAllocator:
         if slots[slot]:
             raise ValueError(f"address {addr} is recorded twice")
         slots[slot] = 1
-        self._used[slab] += 1
+        self._used[slab] += 1  # _account's counting, without its groups
         self.blocks += 1
         self.stored_bytes += length
         self.used_bytes += _SLOT_BYTES[cls]
@@ -255,10 +255,7 @@ class SlabAllocator:
             for group in groups:
                 group.clear()
         for slab in self._slots:
-            cls = self._classes[slab]
-            used, slots = self._used[slab], _SLOTS_PER_SLAB[cls]
-            if used < slots and slab + _SLAB_SLABS[cls] <= self.slab_limit:
-                self._partial[cls][used * FULLNESS_GROUPS // slots].add(slab)
+            self._account(slab, self._classes[slab], 0, 0)
 
     def in_sparse_slab(self, addr: int, length: int) -> bool:
         """Whether the payload at ``addr`` lies in a slab worth emptying, as zsmalloc
@@ -291,7 +288,8 @@ class SlabAllocator:
 
     def _account(self, slab: int, cls: int, length: int, sign: int) -> None:
         """Count a payload of ``length`` bytes in (``sign`` 1) or out (-1) of ``slab``, a
-        slab of class ``cls``, keeping the slab's fullness group (or releasing it)."""
+        slab of class ``cls``, keeping the slab's fullness group (or releasing it).
+        ``sign`` 0 only files the slab into its group (see :meth:`finish_marking`)."""
         self.blocks += sign
         self.stored_bytes += sign * length
         self.used_bytes += sign * _SLOT_BYTES[cls]
