@@ -101,9 +101,5 @@ class GroupedPayloads:
         if value is not None:
             self._packed[key] = value & ~_PAGES_MASK | pages
 
-    def references(self) -> dict[tuple[int, int], int]:
-        """References per slot (for checks against the map)."""
-        return {slot: share.references for slot, share in self.items()}
-
     def items(self) -> Iterator[tuple[tuple[int, int], Share]]:
         return ((_slot(key), _unpack(value)) for key, value in self._packed.items())

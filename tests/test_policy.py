@@ -20,7 +20,7 @@ from nbdswap.store import BLOCK_SIZE, Store
 from nbdswap.tiers.ram import arena_path
 from nbdswap.tiers.slab import SLAB_SIZE
 from nbdutil import ServerProcess, nbdswap_command, run_client
-from test_store import grouped_references
+from test_store import grouped_references, held_references
 from redisutil import RedisServer
 
 MiB = 1 << 20
@@ -358,7 +358,7 @@ async def test_a_grouped_payload_is_repacked_with_every_entry_pointing_at_it(sta
     moved = store.entry(0)
     assert moved.addr // SLAB_SIZE != grouped.addr // SLAB_SIZE
     assert all(store.entry(block) == moved._replace(checksum=store.entry(block).checksum) for block in range(16))
-    assert store._groups.references() == grouped_references(store) \
+    assert held_references(store) == grouped_references(store) \
         == {(TIER_RAM, moved.addr): 16}
     assert store.move_stats()["moves"]["ram"]["ram"]["repack"] == 16
     assert await store.repack(5) == 0  # its new slab is not sparse
@@ -651,7 +651,7 @@ class PolicyModel(RuleBasedStateMachine):
         if self.store._batch is None:
             tiers = self.store.stats()["tiers"]
             assert tiers["ram"]["blocks"] + tiers["disk"]["blocks"] == stored + backings
-            assert self.store._groups.references() == grouped_references(self.store)
+            assert held_references(self.store) == grouped_references(self.store)
             self.grouped = max(self.grouped, tiers["disk"]["grouped_payloads"] + tiers["ram"]["grouped_payloads"])
 
     def teardown(self):
