@@ -1,10 +1,11 @@
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from nbdutil import ServerProcess
+from nbdutil import ServerProcess, remove_ram_arena
 
 EXTENSIONS = """
 [server]
@@ -35,6 +36,21 @@ def server_factory(tmp_path):
 @pytest.fixture
 def server(server_factory):
     return server_factory()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 3 MiB filesystem to fill up (mounted for the test; needs root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "full"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        remove_ram_arena(mount / "state")
+        subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 def _openssl(*args: str, cwd: Path) -> None:

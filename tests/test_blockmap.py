@@ -1,6 +1,10 @@
 """The LMDB block map: entries, metadata and persistence."""
 
+import os
 import struct
+import subprocess
+import sys
+import textwrap
 
 import lmdb
 import pytest
@@ -229,3 +233,45 @@ def test_a_format_2_map_is_converted_when_opened(map_path):
     blockmap = BlockMap.open(map_path)
     assert blockmap.get(2**33) == blocks[2**33]
     blockmap.close()
+
+
+FILL_UNTIL_FULL = textwrap.dedent("""
+    import errno, sys
+    from pathlib import Path
+    from nbdswap.blockmap import GROUP_SIZE, TIER_RAM, BlockMap, Entry
+
+    def entry(block):
+        return Entry(TIER_RAM, 0, 100, block & 0xFFFF, block * 128)
+
+    path = Path(sys.argv[1])
+    blockmap = BlockMap.create(path, 1 << 40)
+    committed = 0
+    try:
+        while True:  # a new group per change: the map grows by about 34 bytes a change
+            blocks = range(committed, committed + 4096 * GROUP_SIZE, GROUP_SIZE)
+            blockmap.commit({block: entry(block) for block in blocks})
+            committed = blocks.stop
+    except OSError as error:
+        assert error.errno == errno.ENOSPC, error
+    blockmap.close()
+    blockmap = BlockMap.open(path)
+    assert blockmap.get(0) == entry(0), "reads after a reopen on the full filesystem"
+    assert [block for block, _ in blockmap.items()] == list(range(0, committed, GROUP_SIZE))
+    try:
+        blockmap.commit({committed: entry(committed)})
+    except OSError as error:
+        assert error.errno == errno.ENOSPC, error
+    blockmap.close()
+    print(f"full after {committed // GROUP_SIZE} groups")
+""")
+
+
+def test_a_full_filesystem_fails_the_commit_and_keeps_the_map(small_tmpfs):
+    """LMDB writes through a shared mapping of the sparse map file: without disk space
+    allocated ahead, its first store into a hole of a full filesystem is a SIGBUS."""
+    result = subprocess.run([sys.executable, "-c", FILL_UNTIL_FULL, str(small_tmpfs / "map.lmdb")],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.returncode == 0, (result.returncode, result.stderr)
+    groups = int(result.stdout.split()[2])
+    assert groups >= 4096, result.stdout  # a 3 MiB filesystem holds tens of thousands

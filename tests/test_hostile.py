@@ -409,20 +409,6 @@ def test_lost_ram_arena_after_a_reboot_reads_as_eio_never_as_zeros(server_factor
     assert "Traceback" not in server.log()
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "full"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        remove_ram_arena(mount / "state")
-        subprocess.run(["umount", "-l", str(mount)], check=True)
-
-
 def test_full_disk_gives_enospc_or_eio_per_request_and_keeps_acknowledged_data(small_tmpfs, tmp_path):
     workdir = small_tmpfs
     server = ServerProcess(workdir, size="64M", ram_max="0", disk_max="64M")
