@@ -27,9 +27,10 @@ Commits use ``sync=False``/``metasync=False``: a committed transaction is in the
 cache, which survives a killed process; :meth:`BlockMap.sync` makes it survive a host
 crash (NBD FLUSH/FUA).  LMDB writes pages through its shared mapping of the file
 (``writemap``) rather than with one ``pwrite`` per dirty page, which cost about 2 µs of a
-RAM write's system time (fio, QD32).  The file is then as long as :data:`MAP_SIZE`,
-sparse, and :class:`_Headroom` keeps the disk space of the pages a transaction may add
-allocated ahead of it.
+RAM write's system time (fio, QD32).  The file is then as long as the map's size
+limit (:func:`map_size_for`: a few per cent of the export), sparse, and
+:class:`_Headroom` keeps the disk space of the pages a transaction may add allocated
+ahead of it.
 """
 
 from __future__ import annotations
@@ -50,9 +51,17 @@ from .errors import StateDirError
 FORMAT_VERSION = 3
 _UPGRADABLE_FORMATS = (b"1", b"2")
 MAP_FILE = "map.lmdb"
-#: Virtual size of the map, and the length of its (sparse) file: only the pages in use
-#: (18–26 B per block) and :data:`RESERVE_STEP` ahead of them take disk space.
-MAP_SIZE = 64 << 30
+#: The fixed part of the map's size limit (see :func:`map_size_for`).
+MAP_BASE_SIZE = 32 << 20
+#: The export bytes per byte of the map's size limit: 128 bytes per 4 KiB block, room
+#: for the entries and the clean copies both filled in random order (26 B a block
+#: each) and for a commit that rewrites them all (copy on write doubles the pages).
+_EXPORT_BYTES_PER_MAP_BYTE = 32
+#: The most the limit grows to (enough for a 32 TiB export; ext4 files end at 16 TiB).
+MAP_MAX_SIZE = 1 << 40
+#: The size limit while a map is checked and converted (through ``pwrite``, so the file
+#: is not extended to it): the format conversion's export size is not known yet.
+_CHECKING_MAP_SIZE = 64 << 30
 #: Disk space allocated ahead of the map's last page whenever it runs short.
 RESERVE_STEP = 1 << 20
 
@@ -171,7 +180,7 @@ class BlockMap:
     @classmethod
     def create(cls, path: Path, size: int) -> BlockMap:
         """Create a new map file at ``path`` for an export of ``size`` bytes."""
-        env = _open_env(path)
+        env = _open_env(path, map_size_for(size))
         headroom = _Headroom(env, path)
         try:
             headroom.ensure(0)
@@ -197,13 +206,13 @@ class BlockMap:
         conversion needs no estimate of its pages ahead.
         """
         try:
-            env = _open_env(path, writemap=False)
+            env = _open_env(path, _CHECKING_MAP_SIZE, writemap=False)
         except lmdb.Error as error:
             raise StateDirError(f"{path} is not a usable block map: {error}") from None
         try:
             meta = env.open_db(b"meta", create=False)
             with env.begin(db=meta) as txn:
-                version = txn.get(_META_FORMAT)
+                version, size = txn.get(_META_FORMAT), int(txn.get(_META_SIZE, b"0"))
             if version in _UPGRADABLE_FORMATS:
                 _convert_to_groups(env, meta)
             elif version == str(FORMAT_VERSION).encode():
@@ -215,7 +224,7 @@ class BlockMap:
         if version not in (*_UPGRADABLE_FORMATS, str(FORMAT_VERSION).encode()):
             found = "no format version" if version is None else f"format {version.decode(errors='replace')}"
             raise StateDirError(f"{path} has {found}; this nbdswap reads format {FORMAT_VERSION}")
-        env = _open_env(path)
+        env = _open_env(path, map_size_for(size))
         return cls(env, _Headroom(env, path))
 
     def _writing(self, db=None) -> lmdb.Transaction:
@@ -244,7 +253,12 @@ class BlockMap:
 
     @size.setter
     def size(self, size: int) -> None:
+        """Record a new export size, growing the map's size limit with it (at start-up:
+        LMDB must have no transaction open while its mapping is replaced)."""
         self._set_meta(_META_SIZE, str(size).encode())
+        if map_size_for(size) > self._env.info()["map_size"]:
+            self._end_reading()
+            self._env.set_mapsize(map_size_for(size))
 
     def arena_id(self, tier: str) -> str | None:
         """The id of the arena file ``tier`` wrote its data to, if any."""
@@ -438,11 +452,18 @@ def _pages_added_at_most(changes: int, pages_in_use: int) -> int:
     return copies + changes // 48 + copies // 256 + 64
 
 
-def _open_env(path: Path, *, writemap: bool = True) -> lmdb.Environment:
+def map_size_for(export_size: int) -> int:
+    """The map's size limit for an export of ``export_size`` bytes, in whole MiB: also
+    the length of the sparse map file (LMDB extends it to the limit with ``writemap``)."""
+    limit = min(MAP_BASE_SIZE + export_size // _EXPORT_BYTES_PER_MAP_BYTE, MAP_MAX_SIZE)
+    return -(-limit >> 20) << 20
+
+
+def _open_env(path: Path, map_size: int, *, writemap: bool = True) -> lmdb.Environment:
     return lmdb.open(
         str(path),
         subdir=False,
-        map_size=MAP_SIZE,
+        map_size=map_size,
         max_dbs=5,
         sync=False,
         metasync=False,

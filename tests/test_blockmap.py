@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 
 from nbdswap.blockmap import (
     COMPRESSED,
+    MAP_MAX_SIZE,
+    RESERVE_STEP,
     GROUP_SIZE,
     LOST,
     SAME_FILLED,
@@ -23,6 +25,7 @@ from nbdswap.blockmap import (
     BlockMap,
     Entry,
     key,
+    map_size_for,
 )
 from nbdswap.errors import StateDirError
 
@@ -124,6 +127,22 @@ def test_bytes_grows_with_entries(map_path):
     assert blockmap.bytes > empty + 10_000 * 16
     assert blockmap.bytes <= map_path.stat().st_size
     blockmap.close()
+
+
+def test_the_map_file_is_as_long_as_its_limit_and_takes_the_space_of_its_pages(map_path):
+    blockmap = BlockMap.create(map_path, 1 << 30)
+    assert map_path.stat().st_size == map_size_for(1 << 30) == 64 << 20
+    blockmap.commit({block: Entry(TIER_RAM, 0, 64, 0, block * 64) for block in range(10_000)})
+    allocated = map_path.stat().st_blocks * 512
+    assert blockmap.bytes <= allocated <= blockmap.bytes + RESERVE_STEP + (2 << 20)
+    blockmap.size = 1 << 40  # a restart with a larger --size
+    assert map_path.stat().st_size == map_size_for(1 << 40) == (32 << 20) + (32 << 30)
+    blockmap.commit({2**28 - 1: ZERO_ENTRY})
+    blockmap.close()
+    blockmap = BlockMap.open(map_path)
+    assert blockmap.get(2**28 - 1) == ZERO_ENTRY and len(blockmap) == 10_001
+    blockmap.close()
+    assert map_size_for(1 << 60) == MAP_MAX_SIZE
 
 
 def test_sync(map_path):
