@@ -25,17 +25,11 @@ never stale.
 
 Commits use ``sync=False``/``metasync=False``: a committed transaction is in the page
 cache, which survives a killed process; :meth:`BlockMap.sync` makes it survive a host
-crash (NBD FLUSH/FUA).  LMDB writes pages through its shared mapping of the file
-(``writemap``) rather than with one ``pwrite`` per dirty page, which cost about 2 µs of a
-RAM write's system time (fio, QD32).  The file is then as long as the map's size
-limit (:func:`map_size_for`: a few per cent of the export), sparse, and
-:class:`_Headroom` keeps the disk space of the pages a transaction may add allocated
-ahead of it.
+crash (NBD FLUSH/FUA).
 """
 
 from __future__ import annotations
 
-import os
 import struct
 import uuid
 from collections.abc import Iterator, Mapping
@@ -51,19 +45,8 @@ from .errors import StateDirError
 FORMAT_VERSION = 3
 _UPGRADABLE_FORMATS = (b"1", b"2")
 MAP_FILE = "map.lmdb"
-#: The fixed part of the map's size limit (see :func:`map_size_for`).
-MAP_BASE_SIZE = 32 << 20
-#: The export bytes per byte of the map's size limit: 128 bytes per 4 KiB block, room
-#: for the entries and the clean copies both filled in random order (26 B a block
-#: each) and for a commit that rewrites them all (copy on write doubles the pages).
-_EXPORT_BYTES_PER_MAP_BYTE = 32
-#: The most the limit grows to (enough for a 32 TiB export; ext4 files end at 16 TiB).
-MAP_MAX_SIZE = 1 << 40
-#: The size limit while a map is checked and converted (through ``pwrite``, so the file
-#: is not extended to it): the format conversion's export size is not known yet.
-_CHECKING_MAP_SIZE = 64 << 30
-#: Disk space allocated ahead of the map's last page whenever it runs short.
-RESERVE_STEP = 1 << 20
+#: Virtual size of the map; the file is sparse and grows with use (18–26 B per block).
+MAP_SIZE = 64 << 30
 
 GROUP_BITS = 4
 #: Blocks per LMDB record (the bitmap of a group is 16 bits wide).
@@ -169,10 +152,9 @@ def key(number: int) -> bytes:
 class BlockMap:
     """The LMDB environment with the grouped entries, clean copies and ``meta``."""
 
-    def __init__(self, env: lmdb.Environment, headroom: _Headroom) -> None:
+    def __init__(self, env: lmdb.Environment, meta) -> None:
         self._env = env
-        self._headroom = headroom
-        self._meta = env.open_db(b"meta", create=True)
+        self._meta = meta
         self._blocks = env.open_db(_GROUPS, create=True)
         self._backing = env.open_db(_BACKING_GROUPS, create=True)
         self._reader: lmdb.Transaction | None = None
@@ -180,57 +162,42 @@ class BlockMap:
     @classmethod
     def create(cls, path: Path, size: int) -> BlockMap:
         """Create a new map file at ``path`` for an export of ``size`` bytes."""
-        env = _open_env(path, map_size_for(size))
-        headroom = _Headroom(env, path)
-        try:
-            headroom.ensure(0)
-        except OSError as error:
-            headroom.close()
-            env.close()
-            raise StateDirError(f"cannot allocate disk space for the block map {path}: {error}") from None
-        blockmap = cls(env, headroom)
-        with blockmap._writing(blockmap._meta) as txn:
+        env = _open_env(path)
+        meta = env.open_db(b"meta", create=True)
+        with env.begin(write=True, db=meta) as txn:
             txn.put(_META_FORMAT, str(FORMAT_VERSION).encode())
             txn.put(_META_INSTANCE, str(uuid.uuid4()).encode())
             txn.put(_META_SIZE, str(size).encode())
-        blockmap.sync()
-        return blockmap
+        env.sync(True)
+        return cls(env, meta)
 
     @classmethod
     def open(cls, path: Path) -> BlockMap:
         """Open an existing map; :class:`StateDirError` if it is not one of ours.
 
-        The map is checked, and a map of an older format converted in one transaction
-        (so a crash during the conversion leaves the old map as it was), with LMDB
-        writing through ``pwrite``: a file that is not a map is never extended, and the
-        conversion needs no estimate of its pages ahead.
+        A map of an older format is converted in one transaction, so a crash during the
+        conversion leaves the old map as it was.
         """
         try:
-            env = _open_env(path, _CHECKING_MAP_SIZE, writemap=False)
+            env = _open_env(path)
         except lmdb.Error as error:
             raise StateDirError(f"{path} is not a usable block map: {error}") from None
         try:
             meta = env.open_db(b"meta", create=False)
             with env.begin(db=meta) as txn:
-                version, size = txn.get(_META_FORMAT), int(txn.get(_META_SIZE, b"0"))
+                version = txn.get(_META_FORMAT)
             if version in _UPGRADABLE_FORMATS:
                 _convert_to_groups(env, meta)
             elif version == str(FORMAT_VERSION).encode():
                 env.open_db(_GROUPS, create=False)
         except lmdb.Error as error:
-            raise StateDirError(f"{path} is not a usable block map: {error}") from None
-        finally:
             env.close()
+            raise StateDirError(f"{path} is not a usable block map: {error}") from None
         if version not in (*_UPGRADABLE_FORMATS, str(FORMAT_VERSION).encode()):
+            env.close()
             found = "no format version" if version is None else f"format {version.decode(errors='replace')}"
             raise StateDirError(f"{path} has {found}; this nbdswap reads format {FORMAT_VERSION}")
-        env = _open_env(path, map_size_for(size))
-        return cls(env, _Headroom(env, path))
-
-    def _writing(self, db=None) -> lmdb.Transaction:
-        """A write transaction of a few changes (see :class:`_Headroom`)."""
-        self._headroom.ensure(0)
-        return self._env.begin(write=True, db=db)
+        return cls(env, meta)
 
     # --- metadata ---------------------------------------------------------------
 
@@ -239,7 +206,7 @@ class BlockMap:
             return txn.get(name)
 
     def _set_meta(self, name: bytes, value: bytes) -> None:
-        with self._writing(self._meta) as txn:
+        with self._env.begin(write=True, db=self._meta) as txn:
             txn.put(name, value)
 
     @property
@@ -253,12 +220,7 @@ class BlockMap:
 
     @size.setter
     def size(self, size: int) -> None:
-        """Record a new export size, growing the map's size limit with it (at start-up:
-        LMDB must have no transaction open while its mapping is replaced)."""
         self._set_meta(_META_SIZE, str(size).encode())
-        if map_size_for(size) > self._env.info()["map_size"]:
-            self._end_reading()
-            self._env.set_mapsize(map_size_for(size))
 
     def arena_id(self, tier: str) -> str | None:
         """The id of the arena file ``tier`` wrote its data to, if any."""
@@ -274,7 +236,7 @@ class BlockMap:
         Every run with a remote tier allocates its key ids in an epoch of its own, so a
         key of an earlier epoch that the map does not reference is an orphan.
         """
-        with self._writing(self._meta) as txn:
+        with self._env.begin(write=True, db=self._meta) as txn:
             epoch = int(txn.get(_META_REMOTE_EPOCH, b"0")) + 1
             txn.put(_META_REMOTE_EPOCH, str(epoch).encode())
         return epoch
@@ -282,7 +244,7 @@ class BlockMap:
     def remote_prefix(self, configured: str) -> str:
         """The key prefix of this map's remote keys: ``configured`` unless the map already
         has remote keys under another one, which it then returns."""
-        with self._writing(self._meta) as txn:
+        with self._env.begin(write=True, db=self._meta) as txn:
             stored = txn.get(_META_REMOTE_PREFIX)
             if stored is None:
                 txn.put(_META_REMOTE_PREFIX, configured.encode())
@@ -299,7 +261,7 @@ class BlockMap:
                     if name.startswith(_META_DRAIN)}
 
     def set_draining(self, tier: str, draining: bool) -> None:
-        with self._writing(self._meta) as txn:
+        with self._env.begin(write=True, db=self._meta) as txn:
             if draining:
                 txn.put(_META_DRAIN + tier.encode(), b"1")
             else:
@@ -339,7 +301,6 @@ class BlockMap:
                backing: Mapping[int, Entry | None] | None = None) -> None:
         """Write all ``changes`` and ``backing`` changes (``None`` deletes) in one transaction."""
         try:
-            self._headroom.ensure(len(changes) + (len(backing) if backing else 0))
             with self._env.begin(write=True) as txn:
                 _apply(txn, self._blocks, changes)
                 if backing:
@@ -399,75 +360,16 @@ class BlockMap:
     def close(self) -> None:
         self._end_reading()
         self._env.close()
-        self._headroom.close()
 
 
-class _Headroom:
-    """Disk space allocated ahead of the map's last page.
-
-    With ``writemap`` LMDB's first write to a page of the sparse file is a store into a
-    hole of the mapping: on a full filesystem the kernel kills the process with SIGBUS,
-    where ``pwrite`` returned an error.  So before each write transaction the pages it
-    may add are allocated (``fallocate``), :data:`RESERVE_STEP` at a time, and if the
-    filesystem has no room the transaction fails with ``OSError`` (ENOSPC) instead.
-    Reading needs no room: a map on a full filesystem still opens and serves reads.
-    """
-
-    def __init__(self, env: lmdb.Environment, path: Path) -> None:
-        self._env = env
-        self._page_size = env.stat()["psize"]
-        self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        self._end = 0  # bytes of the file known to be allocated
-
-    def ensure(self, changes: int) -> None:
-        """Make sure a transaction of ``changes`` block changes cannot write a hole."""
-        pages_in_use = self._env.info()["last_pgno"] + 1
-        needed = (pages_in_use + _pages_added_at_most(changes, pages_in_use)) * self._page_size
-        if needed <= self._end:
-            return
-        try:
-            self._allocate(needed + RESERVE_STEP)
-        except OSError:
-            self._allocate(needed)  # near a full filesystem: no more than this transaction
-
-    def _allocate(self, end: int) -> None:
-        os.posix_fallocate(self._fd, self._end, end - self._end)
-        self._end = end
-
-    def close(self) -> None:
-        os.close(self._fd)
-
-
-def _pages_added_at_most(changes: int, pages_in_use: int) -> int:
-    """A bound on the pages a transaction of ``changes`` block changes adds to the file.
-
-    Each change edits one group record.  LMDB copies a page the first time a
-    transaction writes it: at most the leaves edited and the branch pages above them
-    (twice the changes), and never more pages than are in use.  A split leaves both
-    pages at least half full, so it takes at least 60 changes adding a record of up to
-    34 bytes each (48 allowed for).  The freelist records each freed page in 8 bytes.
-    A fixed part covers the root paths, the meta database and small transactions.
-    """
-    copies = min(2 * changes, pages_in_use)
-    return copies + changes // 48 + copies // 256 + 64
-
-
-def map_size_for(export_size: int) -> int:
-    """The map's size limit for an export of ``export_size`` bytes, in whole MiB: also
-    the length of the sparse map file (LMDB extends it to the limit with ``writemap``)."""
-    limit = min(MAP_BASE_SIZE + export_size // _EXPORT_BYTES_PER_MAP_BYTE, MAP_MAX_SIZE)
-    return -(-limit >> 20) << 20
-
-
-def _open_env(path: Path, map_size: int, *, writemap: bool = True) -> lmdb.Environment:
+def _open_env(path: Path) -> lmdb.Environment:
     return lmdb.open(
         str(path),
         subdir=False,
-        map_size=map_size,
+        map_size=MAP_SIZE,
         max_dbs=5,
         sync=False,
         metasync=False,
-        writemap=writemap,
         readahead=False,
         meminit=False,
     )

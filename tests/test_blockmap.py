@@ -13,8 +13,6 @@ from hypothesis import strategies as st
 
 from nbdswap.blockmap import (
     COMPRESSED,
-    MAP_MAX_SIZE,
-    RESERVE_STEP,
     GROUP_SIZE,
     LOST,
     SAME_FILLED,
@@ -25,7 +23,6 @@ from nbdswap.blockmap import (
     BlockMap,
     Entry,
     key,
-    map_size_for,
 )
 from nbdswap.errors import StateDirError
 
@@ -127,22 +124,6 @@ def test_bytes_grows_with_entries(map_path):
     assert blockmap.bytes > empty + 10_000 * 16
     assert blockmap.bytes <= map_path.stat().st_size
     blockmap.close()
-
-
-def test_the_map_file_is_as_long_as_its_limit_and_takes_the_space_of_its_pages(map_path):
-    blockmap = BlockMap.create(map_path, 1 << 30)
-    assert map_path.stat().st_size == map_size_for(1 << 30) == 64 << 20
-    blockmap.commit({block: Entry(TIER_RAM, 0, 64, 0, block * 64) for block in range(10_000)})
-    allocated = map_path.stat().st_blocks * 512
-    assert blockmap.bytes <= allocated <= blockmap.bytes + RESERVE_STEP + (2 << 20)
-    blockmap.size = 1 << 40  # a restart with a larger --size
-    assert map_path.stat().st_size == map_size_for(1 << 40) == (32 << 20) + (32 << 30)
-    blockmap.commit({2**28 - 1: ZERO_ENTRY})
-    blockmap.close()
-    blockmap = BlockMap.open(map_path)
-    assert blockmap.get(2**28 - 1) == ZERO_ENTRY and len(blockmap) == 10_001
-    blockmap.close()
-    assert map_size_for(1 << 60) == MAP_MAX_SIZE
 
 
 def test_sync(map_path):
@@ -255,8 +236,9 @@ def test_a_format_2_map_is_converted_when_opened(map_path):
 
 
 FILL_UNTIL_FULL = textwrap.dedent("""
-    import errno, sys
+    import sys
     from pathlib import Path
+    import lmdb
     from nbdswap.blockmap import GROUP_SIZE, TIER_RAM, BlockMap, Entry
 
     def entry(block):
@@ -270,27 +252,22 @@ FILL_UNTIL_FULL = textwrap.dedent("""
             blocks = range(committed, committed + 4096 * GROUP_SIZE, GROUP_SIZE)
             blockmap.commit({block: entry(block) for block in blocks})
             committed = blocks.stop
-    except OSError as error:
-        assert error.errno == errno.ENOSPC, error
+    except lmdb.Error as error:
+        print("commit failed:", error)
     blockmap.close()
     blockmap = BlockMap.open(path)
-    assert blockmap.get(0) == entry(0), "reads after a reopen on the full filesystem"
     assert [block for block, _ in blockmap.items()] == list(range(0, committed, GROUP_SIZE))
-    try:
-        blockmap.commit({committed: entry(committed)})
-    except OSError as error:
-        assert error.errno == errno.ENOSPC, error
     blockmap.close()
     print(f"full after {committed // GROUP_SIZE} groups")
 """)
 
 
 def test_a_full_filesystem_fails_the_commit_and_keeps_the_map(small_tmpfs):
-    """LMDB writes through a shared mapping of the sparse map file: without disk space
-    allocated ahead, its first store into a hole of a full filesystem is a SIGBUS."""
+    """In a child process: a map whose pages were written through a shared mapping
+    (LMDB's ``writemap``) would die of SIGBUS here instead of failing the commit."""
     result = subprocess.run([sys.executable, "-c", FILL_UNTIL_FULL, str(small_tmpfs / "map.lmdb")],
                             capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert result.returncode == 0, (result.returncode, result.stderr)
-    groups = int(result.stdout.split()[2])
-    assert groups >= 4096, result.stdout  # a 3 MiB filesystem holds tens of thousands
+    assert "commit failed" in result.stdout
+    assert int(result.stdout.split()[-2]) >= 4096 * 4, result.stdout  # 3 MiB hold ~70k groups
