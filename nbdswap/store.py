@@ -641,6 +641,8 @@ class Store:
         if share is None or tier is None or tier_id in self.draining:
             return 0
         holders = self._holders(share.group, (tier_id, addr))
+        if share.pages and len(holders) > COMPACT_LIVE_SHARE * share.pages:
+            return 0  # known to be mostly live: its pages need not be loaded to say so
         pages = {}
         for block, entry, backing in holders:
             try:
