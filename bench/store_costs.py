@@ -11,6 +11,11 @@
     and the rest on disk, cools every block, and walks RAM's CLOCK hand
     (``Policy._demotion_work``) until it has found every RAM block once: CPU per block
     found and map entries looked at (each costs the policy's budget 1/16 of a move).
+
+``compact``
+    Groups ``--payloads`` map groups of text-like pages on disk, trims one page of each
+    and offers every payload to ``Store.compact``, as a lost reference does: CPU per
+    offer refused because the payload is still 15/16 live.
 """
 
 from __future__ import annotations
@@ -80,6 +85,27 @@ async def _scan(blocks: int, ram_blocks: int, workdir: Path) -> dict:
         await store.close()
 
 
+async def _compact(payloads: int, workdir: Path) -> dict:
+    rng = random.Random(1)
+    words = [rng.randbytes(8).hex().encode() for _ in range(300)]
+    store = Store.open(workdir, size=payloads * 16 * BLOCK_SIZE, ram_max=0, disk_max=1 << 30)
+    try:
+        await store.write(0, b"".join(b" ".join(rng.choices(words, k=400))[:BLOCK_SIZE]
+                                      for _ in range(payloads * 16)))
+        for group in range(payloads):
+            await store.move_group(range(group * 16, group * 16 + 16), "disk", "regroup")
+            await store.trim(group * 16 * BLOCK_SIZE, BLOCK_SIZE)
+        offers = list(store.sparse_payloads())
+        if len(offers) != payloads:
+            raise RuntimeError(f"{len(offers)} of {payloads} groups were grouped and trimmed")
+        started = time.process_time()
+        compacted = sum([await store.compact(*slot) for slot in offers])
+        seconds = time.process_time() - started
+        return {"offers": len(offers), "compacted": compacted, "us_per_offer": seconds / len(offers) * 1e6}
+    finally:
+        await store.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     scan_parser = commands.add_parser("scan", help="CPU of RAM's CLOCK hand when RAM holds few blocks")
     scan_parser.add_argument("--blocks", type=int, default=131_072)
     scan_parser.add_argument("--ram-blocks", type=int, default=7_680)
+    compact_parser = commands.add_parser("compact", help="CPU of offering mostly live payloads to compaction")
+    compact_parser.add_argument("--payloads", type=int, default=256)
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="nbdswap-costs-"))
     try:
@@ -95,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
             result = rebuild(args.blocks, workdir)
             print(f"start-up with {result['blocks']:,} mapped blocks: {result['seconds']:.2f} s, "
                   f"{result['us_per_block']:.2f} us per block")
+        elif args.command == "compact":
+            result = asyncio.run(_compact(args.payloads, workdir))
+            print(f"{result['offers']:,} payloads 15/16 live offered to compaction: {result['compacted']} pages "
+                  f"moved, {result['us_per_offer']:.1f} us of CPU per offer")
         else:
             if not 0 < args.ram_blocks <= args.blocks:
                 parser.error("--ram-blocks must be in 1..--blocks")

@@ -134,9 +134,11 @@ def test_swap_locality_help() -> None:
         assert option in text
 
 
-def test_store_costs_rebuild_and_scan() -> None:
+def test_store_costs_rebuild_scan_and_compact() -> None:
     rebuilt = run(str(BENCH / "store_costs.py"), "rebuild", "--blocks", "1000")
     assert "start-up with 1,000 mapped blocks" in rebuilt
     scanned = run(str(BENCH / "store_costs.py"), "scan", "--blocks", "300", "--ram-blocks", "30")
     # RAM's hand looks at RAM's 30 blocks only, not at the 270 on disk.
     assert "RAM holds 30 of 300 blocks" in scanned and re.search(r"\b30 map entries looked at", scanned)
+    compacted = run(str(BENCH / "store_costs.py"), "compact", "--payloads", "8")
+    assert "8 payloads 15/16 live offered to compaction: 0 pages moved" in compacted
