@@ -39,6 +39,12 @@ def _add_serve(subparsers) -> None:
     serve.add_argument("--disk-max", help="disk tier capacity, e.g. 8G (0 disables it)")
     serve.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus /metrics here")
     serve.add_argument("--log-level", choices=LOG_LEVELS, help="default info")
+    serve.add_argument("--encoder-workers", type=int, metavar="N",
+                       help="processes that compress written pages beside the server "
+                            "(default: one per further core, at most 4; 0: none)")
+    serve.add_argument("--encoder-offload-above", type=float, metavar="MICROSECONDS",
+                       help="use the encoder workers while a page takes longer than this "
+                            "to compress (default 10; 0: always)")
     _add_security_flags(serve)
     _add_remote_flags(serve)
     serve.add_argument("--policy", dest="policy_set", action="append", metavar="KEY=VALUE",
@@ -185,7 +191,8 @@ def _reader_gone() -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     overrides = {key: getattr(args, key) for key in
                  ("listen", "export", "description", "size", "state_dir", "ram_max",
-                  "disk_max", "metrics", "log_level", "policy_set") + SECURITY_SETTINGS + REMOTE_SETTINGS}
+                  "disk_max", "metrics", "log_level", "encoder_workers", "encoder_offload_above",
+                  "policy_set") + SECURITY_SETTINGS + REMOTE_SETTINGS}
     config = ServeConfig.load(args.config, overrides)
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -240,6 +247,7 @@ def _install_uvloop() -> None:
 
 async def _serve(config: ServeConfig) -> None:
     from .device import BlockDevice
+    from .encoder import EncoderPool
     from .errors import StateDirError
     from .policy import Policy
     from .server import NBDServer
@@ -257,6 +265,7 @@ async def _serve(config: ServeConfig) -> None:
         where = error.filename or config.state_dir
         raise ConfigError(f"cannot open the store in {config.state_dir}: {where}: {error.strerror or error}") from None
     device = BlockDevice(store, config.export, config.size, config.description)
+    device.encoder = encoder = EncoderPool(config.encoder_workers, config.encoder_offload_above)
     server = NBDServer(device, policy)
     engine = Policy(store, config.policy_settings(), device.requests_served)
     started = time.time()
@@ -291,6 +300,7 @@ async def _serve(config: ServeConfig) -> None:
         log.info("shutting down: finishing in-flight requests")
     finally:
         await server.shutdown()
+        await encoder.close()
         await engine.stop()
         if metrics is not None:
             await asyncio.to_thread(metrics.close)

@@ -28,7 +28,8 @@ _TEXTS = (str, list)  # one string or a list of them
 FILE_TYPES: dict[str, tuple[type, ...]] = {
     "listen": _TEXTS, "export": _TEXT, "description": _TEXT, "size": _SIZE_VALUE,
     "state_dir": _TEXT, "ram_max": _SIZE_VALUE, "disk_max": _SIZE_VALUE, "metrics": _TEXT,
-    "log_level": _TEXT, "handshake_timeout": _SECONDS, "max_option_length": _SIZE_VALUE,
+    "log_level": _TEXT, "encoder_workers": _COUNT, "encoder_offload_above": _SECONDS,
+    "handshake_timeout": _SECONDS, "max_option_length": _SIZE_VALUE,
     "max_connections": _COUNT, "max_connections_per_peer": _COUNT, "max_in_flight": _SIZE_VALUE,
     "allow": _TEXTS, "socket_mode": (int, str), "socket_group": (str, int), "tls": _TEXT,
     "tls_cert": _TEXT, "tls_key": _TEXT, "tls_ca": _TEXT, "tls_verify_peer": (bool,),
@@ -108,6 +109,8 @@ class ServeConfig:
     disk_max: int = 4 << 30
     metrics: str | None = None
     log_level: str = "info"
+    encoder_workers: int | None = None  # None: encoder.default_workers()
+    encoder_offload_above: float = 10.0  # µs; encoder.OFFLOAD_ABOVE_US
     # limits, access control and TLS of the NBD listeners (see server.ServerPolicy)
     handshake_timeout: float = 10.0
     max_option_length: int = 64 << 10
@@ -178,6 +181,14 @@ class ServeConfig:
             parse_host_port(self.metrics)
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"log-level must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}")
+        if self.encoder_workers is None:
+            from .encoder import default_workers
+
+            self.encoder_workers = default_workers()
+        elif not isinstance(self.encoder_workers, int) or self.encoder_workers < 0:
+            raise ConfigError("encoder-workers must be a whole number, 0 or more")
+        if not isinstance(self.encoder_offload_above, (int, float)) or self.encoder_offload_above < 0:
+            raise ConfigError("encoder-offload-above must be a number of microseconds, 0 or more")
         self._normalise_limits()
         self._normalise_access()
         self._normalise_tls()

@@ -8,6 +8,7 @@ before a request gets here.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 from time import perf_counter_ns
@@ -18,8 +19,10 @@ from .metrics import RequestStats
 from .protocol import BASE_ALLOCATION_CONTEXT_ID, Command, CommandFlag, Errno, Export, Request
 
 if TYPE_CHECKING:
+    from .codec import Encoded
+    from .encoder import EncoderPool
     from .protocol import ServerConnection
-    from .store import Store
+    from .store import Store, _Batch
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,12 @@ _READ, _WRITE = Command.READ, Command.WRITE
 _FUA = int(CommandFlag.FUA)
 
 
+def _pages(data: bytes) -> list[bytes]:
+    if len(data) == BLOCK_SIZE:
+        return [data]
+    return [data[start : start + BLOCK_SIZE] for start in range(0, len(data), BLOCK_SIZE)]
+
+
 class BlockDevice:
     """One export backed by a :class:`~nbdswap.store.Store`."""
 
@@ -67,6 +76,9 @@ class BlockDevice:
         self.stats = {name: RequestStats() for name in OPERATION_NAMES.values()}
         self.errors: Counter[tuple[str, str]] = Counter()
         self.corrupt_block_errors = 0
+        #: Encodes whole-block writes on worker processes when set (see :mod:`.encoder`).
+        self.encoder: EncoderPool | None = None
+        self._slow_writes: set[asyncio.Task] = set()  # encoded writes sent to execute()
 
     def submit(self, request: Request, connection: ServerConnection,
                done: Callable[[Request], None]) -> Coroutine[None, None, None] | None:
@@ -101,6 +113,13 @@ class BlockDevice:
     def _submit_write(self, request: Request, connection: ServerConnection,
                       done: Callable[[Request], None]) -> Coroutine[None, None, None] | None:
         started = perf_counter_ns()
+        encoder = self.encoder
+        if encoder is not None and not (request.offset | request.length) % BLOCK_SIZE:
+            if encoder.offloading:
+                encoder.encode(_pages(request.data),
+                               lambda encoded: self._place_offloaded(request, connection, done, started, encoded))
+                return None
+            encoder.observe(request.data)
         try:
             batch = self.store.write_now(request.offset, request.data)
         except Exception as error:  # noqa: BLE001 - every failure becomes an NBD error
@@ -110,7 +129,30 @@ class BlockDevice:
             return None
         if batch is None:
             return self.execute(request, connection)
+        self._reply_when_committed(batch, request, connection, done, started)
+        return None
 
+    def _place_offloaded(self, request: Request, connection: ServerConnection, done: Callable[[Request], None],
+                         started: int, encoded: list[Encoded]) -> None:
+        """The rest of :meth:`_submit_write` for pages an encoder worker encoded.  A page
+        for a tier that must be awaited (the remote tier, rarely) is written by an
+        :meth:`execute` task instead, which encodes it again."""
+        try:
+            batch = self.store.write_encoded_now(request.offset, encoded)
+        except Exception as error:  # noqa: BLE001 - every failure becomes an NBD error
+            self._fail(request, connection, "write", error)
+            self.stats["write"].record(request.length, perf_counter_ns() - started)
+            done(request)
+            return
+        if batch is None:
+            task = asyncio.get_running_loop().create_task(self.execute(request, connection))
+            self._slow_writes.add(task)
+            task.add_done_callback(lambda _: (self._slow_writes.discard(task), done(request)))
+            return
+        self._reply_when_committed(batch, request, connection, done, started)
+
+    def _reply_when_committed(self, batch: _Batch, request: Request, connection: ServerConnection,
+                              done: Callable[[Request], None], started: int) -> None:
         def committed(error: str | None) -> None:
             if error is None:
                 connection.reply_ok(request)
@@ -120,7 +162,6 @@ class BlockDevice:
             done(request)
 
         self.store.when_committed(batch, committed)
-        return None
 
     async def execute(self, request: Request, connection: ServerConnection) -> None:
         """Run ``request`` and queue its reply on ``connection``."""
@@ -211,7 +252,9 @@ class BlockDevice:
         errors: dict[str, dict[str, int]] = {}
         for (operation, errno), count in self.errors.items():
             errors.setdefault(operation, {})[errno] = count
+        encoder = {} if self.encoder is None else {"encoder": self.encoder.stats()}
         return {
+            **encoder,
             "export": {"name": self.export.name, "size": self.export.size},
             "requests": {name: stats.requests for name, stats in self.stats.items()},
             "request_bytes": {name: stats.bytes for name, stats in self.stats.items()},

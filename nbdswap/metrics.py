@@ -215,6 +215,8 @@ class NbdswapCollector:
             "nbdswap_corrupt_block_errors",
             "Requests answered EIO because a block failed its checksum or its data was lost",
             value=device.corrupt_block_errors)
+        if device.encoder is not None:
+            yield from _encoder_families(device.encoder.stats())
 
     def _error_family(self) -> Metric:
         errors = CounterMetricFamily("nbdswap_request_errors", "Requests answered with an error",
@@ -224,6 +226,29 @@ class NbdswapCollector:
         for (op, errno), count in sorted(counts.items()):
             errors.add_metric([op, errno], count)
         return errors
+
+
+def _encoder_families(stats: dict) -> Iterator[Metric]:
+    """``EncoderPool.stats()``: where written pages were compressed, and why."""
+    pages = CounterMetricFamily("nbdswap_encoded_pages", "Written pages compressed, by where",
+                                labels=["where"])
+    pages.add_metric(["worker"], stats["pages_offloaded"])
+    pages.add_metric(["server"], stats["pages_inline"])
+    yield pages
+    yield GaugeMetricFamily("nbdswap_encoder_workers", "Encoder worker processes running",
+                            value=stats["workers"])
+    yield GaugeMetricFamily("nbdswap_encoder_offloading",
+                            "1 while written pages are compressed on the encoder workers",
+                            value=int(stats["offloading"]))
+    yield GaugeMetricFamily("nbdswap_page_encode_seconds",
+                            "Running estimate of the time one written page takes to compress",
+                            value=stats["page_encode_us"] / 1e6)
+    yield CounterMetricFamily("nbdswap_encoder_cpu_seconds",
+                              "CPU time of the encoder worker processes (process_cpu_seconds_total "
+                              "is the server's alone)", value=stats["cpu_seconds"])
+    yield CounterMetricFamily("nbdswap_encoder_worker_failures",
+                              "Encoder workers that died (their pages were compressed in the server)",
+                              value=stats["worker_failures"])
 
 
 def _store_families(stats: dict) -> Iterator[Metric]:

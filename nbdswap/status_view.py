@@ -54,7 +54,16 @@ def render_status(status: dict, previous: dict | None = None, console: Console |
         for line in _drain_lines(status["policy"].get("drains", {})):
             console.print(line)
     console.print(_request_table(status, _recent_rates(previous, status)))
+    if "encoder" in status:
+        console.print(_encoder_line(status["encoder"]))
     console.print(_error_line(status.get("errors", {}), status.get("corrupt_block_errors", 0)))
+
+
+def _encoder_line(encoder: dict) -> str:
+    where = "on the workers" if encoder["offloading"] else "in the server"
+    return (f"encoder: {encoder['workers']} worker process(es), pages compressed {where} "
+            f"({encoder['page_encode_us']:.1f} µs each); {encoder['pages_offloaded']:,} on workers, "
+            f"{encoder['pages_inline']:,} in the server, {encoder['worker_failures']} worker failures")
 
 
 def _header(status: dict) -> str:

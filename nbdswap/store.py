@@ -400,14 +400,21 @@ class Store:
         if offset % BLOCK_SIZE or len(data) % BLOCK_SIZE:
             return None
         data = data if isinstance(data, bytes) else bytes(data)
-        first = offset // BLOCK_SIZE
         if len(data) == BLOCK_SIZE:
-            return self._write_block_now(first, data)
-        pages = [data[i : i + BLOCK_SIZE] for i in range(0, len(data), BLOCK_SIZE)]
+            return self._write_block_now(offset // BLOCK_SIZE, encode(data))
+        return self.write_encoded_now(
+            offset, [encode(data[i : i + BLOCK_SIZE]) for i in range(0, len(data), BLOCK_SIZE)])
+
+    def write_encoded_now(self, offset: int, pages: list[Encoded]) -> _Batch | None:
+        """:meth:`write_now` of whole blocks from ``offset`` whose pages were encoded
+        already (by the encoder workers)."""
+        first = offset // BLOCK_SIZE
+        if len(pages) == 1:
+            return self._write_block_now(first, pages[0])
         entries = []
         try:
-            for page in pages:
-                entry = self._store_page_now(page)
+            for encoded in pages:
+                entry = self._place_now(encoded)
                 if entry is None:
                     break
                 entries.append(entry)
@@ -423,10 +430,11 @@ class Store:
             batch = self._stage(block, entry)
         return batch
 
-    def _write_block_now(self, block: int, page: bytes) -> _Batch | None:
-        """:meth:`write_now` of one whole block, the write of a swapped-out page, without
-        the loops over pages and entries and their lists (1.7k instructions, callgrind)."""
-        entry = self._store_page_now(page)
+    def _write_block_now(self, block: int, encoded: Encoded) -> _Batch | None:
+        """:meth:`write_encoded_now` of one block, the write of a swapped-out page,
+        without the loops over pages and entries and their lists (1.7k instructions,
+        callgrind)."""
+        entry = self._place_now(encoded)
         if entry is None:
             return None
         self.heat[block] = HOT
@@ -961,12 +969,11 @@ class Store:
                 continue
         raise NoSpaceError("every reachable tier is full")
 
-    def _store_page_now(self, page: bytes) -> Entry | None:
-        """:meth:`_store_page` without awaiting, or ``None`` (nothing stored) when the
-        tier the page goes to must be awaited (the remote tier).  The tiers are tried
-        in a plain loop: a generator of the tiers with room cost 4k instructions of a
-        RAM write's 211k (callgrind)."""
-        encoded = encode(page)
+    def _place_now(self, encoded: Encoded) -> Entry | None:
+        """:meth:`_store_page` of an encoded page without awaiting, or ``None`` (nothing
+        stored) when the tier the page goes to must be awaited (the remote tier).  The
+        tiers are tried in a plain loop: a generator of the tiers with room cost 4k
+        instructions of a RAM write's 211k (callgrind)."""
         if encoded.kind <= _SAME_FILLED_KIND:  # or ZERO: no tier data
             return _unstored_entry(encoded)
         length = len(encoded.payload)

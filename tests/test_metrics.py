@@ -40,7 +40,8 @@ PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 #: What Grafana puts in place of its built-in variables when the test runs a query.
 GRAFANA_BUILTINS = {"$__rate_interval": "30s", "$__range": "2m"}
 #: Label names the exporter may use; a block number must never become a label.
-ALLOWED_LABELS = {"op", "errno", "tier", "version", "python", "export", "le", "from", "to", "reason", "level"}
+ALLOWED_LABELS = {"op", "errno", "tier", "version", "python", "export", "le", "from", "to", "reason", "level",
+                  "where"}
 MiB = 1 << 20
 #: RAM watermarks of the live server: low enough that its 2 MiB RAM tier demotes under
 #: load; a short policy interval lets the CLOCK hand find cold blocks within seconds.

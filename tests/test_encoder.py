@@ -1,0 +1,178 @@
+"""Written pages compressed on encoder worker processes (nbdswap.encoder)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from nbdswap.codec import encode
+from nbdswap.encoder import EncoderPool
+from nbdutil import mixed_data, nbdsh, wait_for_log
+
+ALWAYS_OFFLOAD = ("--encoder-workers", "1", "--encoder-offload-above", "0")
+
+
+def pointer_pages(count: int, seed: int) -> list[bytes]:
+    """Heap-like pages (8-byte pointers into one region): as dear to compress as real
+    memory, unlike fio's buffers."""
+    rng = random.Random(seed)
+    return [b"".join((0x7F00_0000_0000 + rng.randrange(1 << 20) * 16).to_bytes(8, "little")
+                     for _ in range(512)) for _ in range(count)]
+
+
+def encoder_pids(server_pid: int) -> list[int]:
+    """The encoder workers among the children of ``server_pid``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == server_pid and b"nbdswap.encoder" in command:
+            pids.append(int(entry.name))
+    return pids
+
+
+def write_and_check_script(path: Path, rounds: int, write: bool = True) -> str:
+    """nbdsh: ``rounds`` times, 32-deep random 4 KiB writes of the pages in ``path`` plus
+    a 64 KiB write, each 4 KiB block written twice with both writes in flight; then every
+    block read back against its second write.  Without ``write``, only the check."""
+    return f"""
+        import random
+        data = open({str(path)!r}, "rb").read()
+        pages = [data[i:i + 4096] for i in range(0, len(data), 4096)]
+        rng = random.Random(7)
+        expected = {{}}
+        for round in range({rounds}):
+            order = list(range(1024))
+            rng.shuffle(order)
+            for n, block in enumerate(order):
+                first, second = pages[(n + round) % len(pages)], pages[(3 * n + round + 1) % len(pages)]
+                if {write}:
+                    h.aio_pwrite(first, block * 4096)
+                    h.aio_pwrite(second, block * 4096)
+                    while h.aio_in_flight() >= 32:
+                        h.poll(-1)
+                expected[block] = second
+            big = b"".join(pages[round * 16:(round + 1) * 16])
+            if {write}:
+                h.aio_pwrite(big, (1024 + 16 * round) * 4096)
+            for i in range(16):
+                expected[1024 + 16 * round + i] = big[i * 4096:(i + 1) * 4096]
+        while h.aio_in_flight() > 0:
+            h.poll(-1)
+        for block, page in expected.items():
+            assert h.pread(4096, block * 4096) == page, block
+        print(len(expected))
+    """
+
+
+def test_pages_compressed_on_a_worker_are_stored_in_the_order_written_and_survive_a_restart(
+        server_factory, tmp_path):
+    pages = pointer_pages(96, seed=1) + [mixed_data(96 * 4096, seed=2)[i:i + 4096]
+                                         for i in range(0, 96 * 4096, 4096)]
+    corpus = tmp_path / "pages"
+    corpus.write_bytes(b"".join(pages))
+    server = server_factory(extra=ALWAYS_OFFLOAD)
+    assert nbdsh(server.uri, write_and_check_script(corpus, rounds=3)).strip() == str(1024 + 48)
+    encoder = server.status()["encoder"]
+    assert encoder["workers"] == 1 and encoder["worker_failures"] == 0
+    assert encoder["pages_offloaded"] > 4 * 1024  # most of the 6k pages went to the worker
+    workers = encoder_pids(server.process.pid)
+    assert len(workers) == 1
+
+    server.restart()
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)  # stopped with the server
+    assert nbdsh(server.uri, write_and_check_script(corpus, rounds=3, write=False)).strip() == str(1024 + 48)
+
+
+def test_cheap_pages_are_compressed_in_the_server(server_factory):
+    """Zero pages take well under a microsecond: offloading them would only cost."""
+    server = server_factory(extra=("--encoder-workers", "1"))
+    nbdsh(server.uri, """
+        for block in range(2048):
+            h.aio_pwrite(bytes(4096), block * 4096)
+            while h.aio_in_flight() >= 32:
+                h.poll(-1)
+        while h.aio_in_flight() > 0:
+            h.poll(-1)
+    """)
+    encoder = server.status()["encoder"]
+    assert encoder["pages_inline"] == 2048 and encoder["pages_offloaded"] == 0
+    assert not encoder["offloading"]
+
+
+def test_a_worker_killed_while_holding_pages_loses_no_write(server_factory, tmp_path):
+    """The worker is stopped, takes pages, then is killed: the server encodes them
+    itself, every write is acknowledged and reads back, and it says what happened."""
+    corpus = tmp_path / "pages"
+    corpus.write_bytes(b"".join(pointer_pages(64, seed=3)))
+    server = server_factory(extra=ALWAYS_OFFLOAD)
+    (worker,) = encoder_pids(server.process.pid)
+    os.kill(worker, signal.SIGSTOP)
+    writer = subprocess.Popen(
+        ["nbdsh", "-u", server.uri, "-c", textwrap.dedent(write_and_check_script(corpus, rounds=1))],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "PATH": f"/usr/bin:/bin:{os.environ.get('PATH', '')}"})
+    try:
+        deadline = time.monotonic() + 30
+        while server.status()["encoder"]["pages_offloaded"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.status()["encoder"]["pages_offloaded"] > 0, writer.poll()
+        os.kill(worker, signal.SIGKILL)
+        out, err = writer.communicate(timeout=120)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+    assert writer.returncode == 0, err.decode()
+    assert out.decode().strip() == str(1024 + 16)
+    wait_for_log(server, "encoder worker 0")
+    encoder = server.status()["encoder"]
+    assert encoder["worker_failures"] == 1 and encoder["workers"] == 0
+    assert not encoder["offloading"] and encoder["pages_inline"] > 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_the_pool_hands_results_back_in_queue_order_equal_to_inline_encoding(workers):
+    pool = EncoderPool(workers)
+    try:
+        pages = pointer_pages(40, seed=4) + [bytes(4096), b"\x07" * 4096, os.urandom(4096)]
+        delivered: list[int] = []
+        results: dict[int, list] = {}
+
+        def done_for(number: int):
+            def done(encoded: list) -> None:
+                delivered.append(number)
+                results[number] = encoded
+            return done
+
+        jobs = []
+        for number in range(300):
+            job = [pages[(number + i) % len(pages)] for i in range(1 + number % 3)]
+            jobs.append(job)
+            pool.encode(job, done_for(number))
+            if number % 50 == 49:
+                await asyncio.sleep(0)  # a new loop turn: another range for a worker
+        deadline = time.monotonic() + 30
+        while len(delivered) < len(jobs) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert delivered == list(range(len(jobs)))
+        for number, job in enumerate(jobs):
+            assert [tuple(encoded) for encoded in results[number]] == [tuple(encode(page)) for page in job]
+        assert pool.pages_offloaded + pool.pages_inline == sum(map(len, jobs))
+        assert pool.pages_offloaded > 0
+    finally:
+        await pool.close()
+    assert pool.workers == 0
