@@ -13,7 +13,7 @@ for every job so that background load hits all of them alike.  The QD32 jobs the
 once more, each right after a fresh prefill of random data: the condition of the
 issue's nbdkit zstd reference (``--random-prefill-iodepth`` chooses which, or none).
 For each run it records IOPS, p50/p99 completion latency and the server's CPU time per operation (utime+stime
-of /proc/PID/stat before and after the fio run), then prints the table and the ratios
+of /proc/PID/stat, its encoder workers' included, before and after the fio run), then prints the table and the ratios
 nbdswap/nbdkit-zstd and nbdswap/nbdkit-malloc.  Numbers are only comparable inside one
 run.  With ``--vm`` (root, QEMU, the VM image of ``make vm-image``) it also boots the
 swap VM of tests/vmutil.py against nbdkit memory and nbdswap and prints the wall-time ratio.
@@ -89,12 +89,12 @@ class Server:
             time.sleep(0.05)
 
     def cpu_seconds(self) -> float:
-        """utime + stime of the server process (all its threads)."""
+        """CPU time of the server process (all its threads) and of its children
+        (nbdswap's encoder workers), live or reaped."""
         assert self.proc is not None
-        stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2:].split()
-        # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        pid = self.proc.pid
+        return process_cpu_seconds(pid, with_reaped_children=True) + sum(
+            process_cpu_seconds(child) for child in child_pids(pid))
 
     def stop(self) -> None:
         if self.proc is None:
@@ -107,6 +107,28 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.proc = None
+
+
+def process_cpu_seconds(pid: int, with_reaped_children: bool = False) -> float:
+    """utime + stime of ``pid`` (and cutime + cstime); 0 once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2:].split()
+    # fields[0] is field 3 (state); utime, stime, cutime, cstime are fields 14-17.
+    ticks = sum(int(value) for value in fields[11:15 if with_reaped_children else 13])
+    return ticks / CLK_TCK
+
+
+def child_pids(pid: int) -> list[int]:
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return children
 
 
 def make_servers(workdir: Path, size: str, ram_max: str, nbdswap_extra: list[str]) -> dict[str, Server]:

@@ -142,3 +142,13 @@ def test_store_costs_rebuild_scan_and_compact() -> None:
     assert "RAM holds 30 of 300 blocks" in scanned and re.search(r"\b30 map entries looked at", scanned)
     compacted = run(str(BENCH / "store_costs.py"), "compact", "--payloads", "8")
     assert "8 payloads 15/16 live offered to compaction: 0 pages moved" in compacted
+
+
+def test_corpus_writes_runs_every_server_and_counts_the_workers_cpu(tmp_path: Path) -> None:
+    corpus = tmp_path / "tiny.pages"
+    tiny_corpus(corpus)
+    text = run(str(BENCH / "corpus_writes.py"), str(corpus), "--seconds", "0.5", "--rounds", "1",
+               "--span", str(1 << 20))
+    for server in ("nbdswap", "nbdswap-inline", "nbdkit-zstd", "nbdkit-malloc"):
+        assert re.search(rf"^round 1 {server} +\d+ pages/s +[\d.]+ µs CPU/page$", text, re.M), text
+    assert re.search(r"^nbdswap / nbdkit-malloc +pages/s \d+\.\d\d$", text, re.M), text
