@@ -265,7 +265,9 @@ async def _serve(config: ServeConfig) -> None:
         where = error.filename or config.state_dir
         raise ConfigError(f"cannot open the store in {config.state_dir}: {where}: {error.strerror or error}") from None
     device = BlockDevice(store, config.export, config.size, config.description)
-    device.encoder = encoder = EncoderPool(config.encoder_workers, config.encoder_offload_above)
+    encoder = EncoderPool(config.encoder_workers, config.encoder_offload_above)
+    if encoder.workers:
+        device.encoder = encoder
     server = NBDServer(device, policy)
     engine = Policy(store, config.policy_settings(), device.requests_served)
     started = time.time()

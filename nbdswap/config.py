@@ -23,12 +23,13 @@ class ConfigError(ValueError):
 
 
 _TEXT, _SIZE_VALUE, _SECONDS, _COUNT = (str,), (int, str), (int, float), (int,)
+_MICROSECONDS = _SECONDS
 _TEXTS = (str, list)  # one string or a list of them
 #: The TOML types each setting of a config file may have (flags are typed by argparse).
 FILE_TYPES: dict[str, tuple[type, ...]] = {
     "listen": _TEXTS, "export": _TEXT, "description": _TEXT, "size": _SIZE_VALUE,
     "state_dir": _TEXT, "ram_max": _SIZE_VALUE, "disk_max": _SIZE_VALUE, "metrics": _TEXT,
-    "log_level": _TEXT, "encoder_workers": _COUNT, "encoder_offload_above": _SECONDS,
+    "log_level": _TEXT, "encoder_workers": _COUNT, "encoder_offload_above": _MICROSECONDS,
     "handshake_timeout": _SECONDS, "max_option_length": _SIZE_VALUE,
     "max_connections": _COUNT, "max_connections_per_peer": _COUNT, "max_in_flight": _SIZE_VALUE,
     "allow": _TEXTS, "socket_mode": (int, str), "socket_group": (str, int), "tls": _TEXT,
@@ -185,8 +186,8 @@ class ServeConfig:
             from .encoder import default_workers
 
             self.encoder_workers = default_workers()
-        elif not isinstance(self.encoder_workers, int) or self.encoder_workers < 0:
-            raise ConfigError("encoder-workers must be a whole number, 0 or more")
+        elif not isinstance(self.encoder_workers, int) or not 0 <= self.encoder_workers <= 64:
+            raise ConfigError("encoder-workers must be a whole number from 0 to 64")
         if not isinstance(self.encoder_offload_above, (int, float)) or self.encoder_offload_above < 0:
             raise ConfigError("encoder-offload-above must be a number of microseconds, 0 or more")
         self._normalise_limits()

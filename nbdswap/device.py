@@ -93,7 +93,18 @@ class BlockDevice:
             return self._submit_read(request, connection, done)
         if command == _WRITE and not request.flags & _FUA:
             return self._submit_write(request, connection, done)
+        return self._execute_in_order(request, connection)
+
+    def _execute_in_order(self, request: Request, connection: ServerConnection) -> Coroutine[None, None, None]:
+        """:meth:`execute`, after the writes :attr:`encoder` holds (a TRIM or a FUA write
+        of a block must not land before the write of it sent earlier)."""
+        if self.encoder is not None and self.encoder.busy:
+            return self._execute_after(self.encoder.queued(), request, connection)
         return self.execute(request, connection)
+
+    async def _execute_after(self, queued: asyncio.Future, request: Request, connection: ServerConnection) -> None:
+        await queued
+        await self.execute(request, connection)
 
     def _submit_read(self, request: Request, connection: ServerConnection,
                      done: Callable[[Request], None]) -> Coroutine[None, None, None] | None:
@@ -128,16 +139,19 @@ class BlockDevice:
             done(request)
             return None
         if batch is None:
-            return self.execute(request, connection)
+            return self._execute_in_order(request, connection)
         self._reply_when_committed(batch, request, connection, done, started)
         return None
 
     def _place_offloaded(self, request: Request, connection: ServerConnection, done: Callable[[Request], None],
-                         started: int, encoded: list[Encoded]) -> None:
-        """The rest of :meth:`_submit_write` for pages an encoder worker encoded.  A page
-        for a tier that must be awaited (the remote tier, rarely) is written by an
-        :meth:`execute` task instead, which encodes it again."""
+                         started: int, encoded: list[Encoded] | Exception) -> None:
+        """The rest of :meth:`_submit_write` for pages the encoder workers encoded.  A
+        page for a tier that must be awaited (the remote tier, rarely) is written by an
+        :meth:`execute` task instead, which encodes it again; the encoder hands over no
+        later write meanwhile."""
         try:
+            if isinstance(encoded, Exception):
+                raise encoded
             batch = self.store.write_encoded_now(request.offset, encoded)
         except Exception as error:  # noqa: BLE001 - every failure becomes an NBD error
             self._fail(request, connection, "write", error)
@@ -145,11 +159,17 @@ class BlockDevice:
             done(request)
             return
         if batch is None:
+            self.encoder.pause()
             task = asyncio.get_running_loop().create_task(self.execute(request, connection))
             self._slow_writes.add(task)
-            task.add_done_callback(lambda _: (self._slow_writes.discard(task), done(request)))
+            task.add_done_callback(lambda _: self._slow_write_done(task, request, done))
             return
         self._reply_when_committed(batch, request, connection, done, started)
+
+    def _slow_write_done(self, task: asyncio.Task, request: Request, done: Callable[[Request], None]) -> None:
+        self._slow_writes.discard(task)
+        done(request)
+        self.encoder.resume()
 
     def _reply_when_committed(self, batch: _Batch, request: Request, connection: ServerConnection,
                               done: Callable[[Request], None], started: int) -> None:

@@ -12,8 +12,9 @@ Offloading costs the loop about 3 µs a page (the copy, the bookkeeping, the wak
 and the client some latency, so it is only done while it pays: :class:`EncoderPool`
 keeps an estimate of what encoding a page takes and offloads while that is above a
 threshold (10 µs by default; fio's 75 %-compressible buffers take 5 µs, real memory
-15-17 µs).  A loop turn with fewer than :data:`MIN_OFFLOAD` pages, a full ring and a
-worker that died all mean inline encoding; nothing waits for a worker that is gone.
+15-17 µs).  A loop turn with fewer than :data:`MIN_OFFLOAD` pages and a full ring mean
+inline encoding; a worker that dies, or holds pages without answering for
+:data:`HUNG_AFTER_S`, is given up and the server encodes its pages itself.
 
 The worker (``python -m nbdswap.encoder MEMFD SOCKET SLOTS``) stays resident like the
 server (locked memory, I/O flusher, no OOM kill): it is on the swap-out path.  It
@@ -33,6 +34,7 @@ import struct
 import subprocess
 import sys
 from collections import deque
+from pathlib import Path
 from time import perf_counter_ns
 from typing import Callable
 
@@ -53,6 +55,9 @@ _ESTIMATE_PAGES = 256
 _SAMPLE_LIMIT_NS = 40_000
 #: One write in this many encoded by the server is timed (see :meth:`EncoderPool.observe`).
 _SAMPLE_EVERY = 64
+#: A worker holding pages that has not answered for this long is given up (killed; the
+#: server encodes its pages): it encodes 256 pages in about 5 ms.
+HUNG_AFTER_S = 2.0
 #: The worker answers after this many pages (measured: 4 and 2 alike, 8 and 1 slower).
 ANSWER_PAGES = 4
 #: Pages a worker holds at once (its shared memory: SLOTS x 8 KiB).
@@ -71,7 +76,11 @@ _COMPRESSED, _RAW = PageKind.COMPRESSED, PageKind.RAW
 _new_tuple = tuple.__new__
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
-Done = Callable[[list[Encoded]], None]
+#: Gets a write's encoded pages, or the exception that encoding them raised.
+Done = Callable[[list[Encoded] | Exception], None]
+#: The directory the nbdswap package is in: the worker's only import path besides the
+#: interpreter's (``-P``: not the working directory, which may be anyone's).
+_PACKAGE_PARENT = str(Path(__file__).resolve().parents[1])
 
 
 def default_workers() -> int:
@@ -82,13 +91,14 @@ def default_workers() -> int:
 class _Job:
     """The pages of one write, and their encodings as they arrive."""
 
-    __slots__ = ("pages", "done", "results", "missing")
+    __slots__ = ("pages", "done", "results", "missing", "error")
 
     def __init__(self, pages: list[bytes], done: Done) -> None:
         self.pages = pages
         self.done = done
         self.results: list[Encoded | None] = [None] * len(pages)
         self.missing = len(pages)
+        self.error: Exception | None = None
 
     def set(self, index: int, encoded: Encoded) -> None:
         self.results[index] = encoded
@@ -101,24 +111,30 @@ class _Worker:
     def __init__(self, number: int) -> None:
         self.number = number
         memfd = os.memfd_create(f"nbdswap-encoder-{number}", os.MFD_CLOEXEC)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours = theirs = memory = None
         try:
             os.ftruncate(memfd, SLOTS * _SLOT_SIZE)
-            self.memory = mmap.mmap(memfd, SLOTS * _SLOT_SIZE)
+            memory = mmap.mmap(memfd, SLOTS * _SLOT_SIZE)
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            path = os.pathsep.join(filter(None, (_PACKAGE_PARENT, os.environ.get("PYTHONPATH"))))
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "nbdswap.encoder", str(memfd), str(theirs.fileno()), str(SLOTS)],
-                pass_fds=(memfd, theirs.fileno()))
+                [sys.executable, "-P", "-m", "nbdswap.encoder", str(memfd), str(theirs.fileno()), str(SLOTS)],
+                pass_fds=(memfd, theirs.fileno()), cwd="/", env={**os.environ, "PYTHONPATH": path})
         except BaseException:
-            ours.close()
+            for resource in (ours, memory):
+                if resource is not None:
+                    resource.close()
             raise
         finally:
             os.close(memfd)
-            theirs.close()
+            if theirs is not None:
+                theirs.close()
         ours.setblocking(False)
-        self.socket = ours
+        self.memory, self.socket = memory, ours
         self.next_slot = 0
         self.partial = b""  # the start of an answer the socket cut
         self.owners: deque[tuple[_Job, int]] = deque()  # of the slots in flight, oldest first
+        self.last_progress = 0.0  # loop time of its last answer, or of work for an idle worker
         self.alive = True
 
     @property
@@ -136,7 +152,7 @@ class _Worker:
                 owners.append((job, index))
                 slot = (slot + 1) % SLOTS
         self.next_slot = slot
-        self.socket.send(_RANGE.pack(first, (slot - first) % SLOTS or SLOTS))
+        self.socket.sendall(_RANGE.pack(first, (slot - first) % SLOTS or SLOTS))
 
     def receive(self) -> int | None:
         """Take the results of every range the worker answered so far (one ``recv``:
@@ -184,10 +200,13 @@ class _Worker:
             return 0.0
         return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
-    def stop(self) -> None:
-        """Close the socket (the worker exits on it) and wait for the process."""
+    def stop(self, kill: bool = False) -> None:
+        """Close the socket (the worker exits on it) and wait for the process; ``kill``
+        it first when it is given up."""
         self.alive = False
         self.socket.close()
+        if kill:
+            self.process.kill()
         try:
             self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -202,21 +221,21 @@ class EncoderPool:
     The server encodes a write's pages itself and tells :meth:`observe`, which learns
     what a page costs.  While :attr:`offloading`, :meth:`encode` queues them instead;
     ``done`` gets their :class:`Encoded` forms later, always from the loop, in the order
-    of the queue.
+    of the queue.  Requests that must not overtake the queued writes (a TRIM of a block
+    being written, a FUA write) wait for :meth:`queued`.
     """
 
     def __init__(self, workers: int, offload_above_us: float = OFFLOAD_ABOVE_US) -> None:
         self._loop = asyncio.get_running_loop()
         self._offload_above_ns = offload_above_us * 1000
         self._workers: list[_Worker] = []
-        try:
-            for number in range(workers):
-                self._workers.append(_Worker(number))
-        except BaseException:
-            for worker in self._workers:
-                worker.stop()
-            raise
-        for worker in self._workers:
+        for number in range(workers):
+            try:
+                worker = _Worker(number)
+            except OSError as error:
+                log.error("cannot start encoder worker %d: %s; %d running", number, error, len(self._workers))
+                continue
+            self._workers.append(worker)
             self._loop.add_reader(worker.socket.fileno(), self._received, worker)
         self._jobs: deque[_Job] = deque()  # every queued job, oldest first
         self._turn: list[_Job] = []  # queued during this loop turn, not yet sent
@@ -224,6 +243,8 @@ class EncoderPool:
         self._next_worker = 0
         self._estimate_ns = 0.0  # of encoding one page, here or on a worker
         self._until_sample = 1
+        self._paused = 0  # holds of the deliveries (see pause())
+        self._watchdog: asyncio.TimerHandle | None = None
         #: Whether writes should go through :meth:`encode`: pages are dear to encode and
         #: a worker runs, or queued jobs must keep their place ahead of later writes.
         self.offloading = False
@@ -235,6 +256,11 @@ class EncoderPool:
         """Workers still running."""
         return sum(worker.alive for worker in self._workers)
 
+    @property
+    def busy(self) -> bool:
+        """Whether writes are queued (see :meth:`queued`)."""
+        return bool(self._jobs)
+
     def stats(self) -> dict:
         """For ``status`` and the metrics (read from the scrape thread too)."""
         cpu = self._cpu_of_stopped + sum(worker.cpu_seconds() for worker in self._workers if worker.alive)
@@ -242,10 +268,6 @@ class EncoderPool:
                 "page_encode_us": round(self._estimate_ns / 1000, 2),
                 "pages_offloaded": self.pages_offloaded, "pages_inline": self.pages_inline,
                 "worker_failures": self.worker_failures, "cpu_seconds": round(cpu, 2)}
-
-    def _stop(self, worker: _Worker) -> None:
-        self._cpu_of_stopped += worker.cpu_seconds()
-        worker.stop()
 
     def observe(self, data: bytes) -> None:
         """Count a write the server encodes itself, and time the encoding of its first
@@ -268,6 +290,23 @@ class EncoderPool:
         self._turn.append(job)
         self._turn_pages += len(pages)
 
+    def queued(self) -> asyncio.Future:
+        """A future done once every write queued so far was handed to its callback."""
+        future = self._loop.create_future()
+        marker = _Job([], lambda _: future.done() or future.set_result(None))
+        self._jobs.append(marker)
+        self._deliver()
+        return future
+
+    def pause(self) -> None:
+        """Hand no result over until :meth:`resume`: a write sent to a slower path keeps
+        its place ahead of the later ones."""
+        self._paused += 1
+
+    def resume(self) -> None:
+        self._paused -= 1
+        self._deliver()
+
     def _learn(self, nanoseconds: int, pages: int, stands_for: int = 1) -> None:
         """Fold ``pages`` encoded in ``nanoseconds`` (a sample of ``stands_for`` times as
         many) into the estimate; start offloading when it rises above the threshold
@@ -289,12 +328,16 @@ class EncoderPool:
                 self._encode_inline(job)
             self._deliver()
             return
+        if not worker.owners:
+            worker.last_progress = self._loop.time()
         try:
             worker.send(jobs)
-        except OSError:
-            self._lost(worker)  # its pages, these included, are encoded here
+        except OSError as error:
+            self._give_up(worker, f"cannot be sent pages: {error}")  # these included
             return
         self.pages_offloaded += pages
+        if self._watchdog is None:
+            self._watchdog = self._loop.call_later(HUNG_AFTER_S, self._check_workers)
 
     def _worker_for(self, pages: int) -> _Worker | None:
         """The next worker in turn with room for ``pages``."""
@@ -306,44 +349,70 @@ class EncoderPool:
                 return worker
         return None
 
-    def _encode_inline(self, job: _Job) -> None:
+    def _encode_inline(self, job: _Job) -> int:
+        """Encode the pages of ``job`` that have no result yet; how many it encoded.  An
+        exception becomes the job's result: it fails that write alone."""
+        encoded = 0
         for index, page in enumerate(job.pages):
-            if job.results[index] is None:
-                job.set(index, encode(page))
-        self.pages_inline += len(job.pages)
+            if job.results[index] is None and job.error is None:
+                try:
+                    job.set(index, encode(page))
+                except Exception as error:  # noqa: BLE001 - the write gets an error reply
+                    job.error, job.missing = error, 0
+                encoded += 1
+        self.pages_inline += encoded
+        return encoded
 
     def _received(self, worker: _Worker) -> None:
         before = len(worker.owners)
         took = worker.receive()
         if took is None:
-            self._lost(worker)
+            self._give_up(worker, "is gone")
             return
         if before > len(worker.owners):
+            worker.last_progress = self._loop.time()
             self._learn(took, before - len(worker.owners))
         self._deliver()
 
-    def _lost(self, worker: _Worker) -> None:
-        """A worker died or its socket failed: its pages are encoded here instead."""
+    def _check_workers(self) -> None:
+        """Give up a worker that holds pages without answering (stopped, or stuck)."""
+        self._watchdog = None
+        now = self._loop.time()
+        for worker in self._workers:
+            if worker.alive and worker.owners and now - worker.last_progress > HUNG_AFTER_S:
+                self._give_up(worker, f"has not answered for {now - worker.last_progress:.1f} s")
+        if any(worker.alive and worker.owners for worker in self._workers):
+            self._watchdog = self._loop.call_later(HUNG_AFTER_S / 2, self._check_workers)
+
+    def _give_up(self, worker: _Worker, reason: str | None) -> None:
+        """Stop using ``worker`` (``reason``: it failed, and is killed) and encode the
+        pages it held here."""
         if not worker.alive:
             return
-        self.worker_failures += 1
         self._loop.remove_reader(worker.socket.fileno())
         pending = {id(job): job for job, _ in worker.owners}
         worker.owners.clear()
-        self._stop(worker)
-        log.error("encoder worker %d (pid %d) is gone (exit status %s): %d workers left",
-                  worker.number, worker.process.pid, worker.process.returncode, self.workers)
+        self._cpu_of_stopped += worker.cpu_seconds()
+        worker.stop(kill=reason is not None)
+        if reason is not None:
+            self.worker_failures += 1
+            log.error("encoder worker %d (pid %d) %s (exit status %s): the server encodes its "
+                      "pages; %d workers left", worker.number, worker.process.pid, reason,
+                      worker.process.returncode, self.workers)
         for job in pending.values():
-            self._encode_inline(job)
+            self.pages_offloaded -= self._encode_inline(job)
         self._deliver()
 
     def _deliver(self) -> None:
         """Hand finished jobs to their callbacks, oldest first, up to the first one still
         being encoded; once none is queued, go back inline if offloading stopped paying."""
         jobs = self._jobs
-        while jobs and not jobs[0].missing:
+        while jobs and not jobs[0].missing and not self._paused:
             job = jobs.popleft()
-            job.done(job.results)
+            try:
+                job.done(job.error or job.results)
+            except Exception:  # noqa: BLE001 - one write's failure must not stall the rest
+                log.exception("handing an encoded write over failed")
         if (not jobs and self.offloading
                 and (self._estimate_ns < INLINE_BELOW_SHARE * self._offload_above_ns or not self.workers)):
             self.offloading = False
@@ -351,14 +420,20 @@ class EncoderPool:
                      self._estimate_ns / 1000)
 
     async def close(self, timeout: float = 5.0) -> None:
-        """Wait (up to ``timeout`` seconds) for the pages the workers hold, then stop them."""
+        """Wait (up to ``timeout`` seconds) for the pages the workers hold, then stop
+        them; pages still held then are encoded here."""
         deadline = self._loop.time() + timeout
         while any(worker.owners for worker in self._workers if worker.alive) and self._loop.time() < deadline:
             await asyncio.sleep(0.001)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         for worker in self._workers:
-            if worker.alive:
+            if worker.alive and worker.owners:
+                self._give_up(worker, f"still holds pages after {timeout:g} s")
+            elif worker.alive:
                 self._loop.remove_reader(worker.socket.fileno())
-                await asyncio.to_thread(self._stop, worker)
+                self._cpu_of_stopped += worker.cpu_seconds()
+                await asyncio.to_thread(worker.stop)
 
 
 def _serve_encodings(memory: mmap.mmap, channel: socket.socket, slots: int) -> None:
@@ -367,7 +442,7 @@ def _serve_encodings(memory: mmap.mmap, channel: socket.socket, slots: int) -> N
     view = memoryview(memory)
     pack_into = _RESULT.pack_into
     while True:
-        request = channel.recv(_RANGE.size)
+        request = channel.recv(_RANGE.size, socket.MSG_WAITALL)
         if len(request) != _RANGE.size:
             return  # the server closed the socket, or died
         first, count = _RANGE.unpack(request)

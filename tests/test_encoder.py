@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -114,9 +115,11 @@ def test_cheap_pages_are_compressed_in_the_server(server_factory):
     assert not encoder["offloading"]
 
 
-def test_a_worker_killed_while_holding_pages_loses_no_write(server_factory, tmp_path):
-    """The worker is stopped, takes pages, then is killed: the server encodes them
-    itself, every write is acknowledged and reads back, and it says what happened."""
+@pytest.mark.parametrize("fate", ["killed", "hung"])
+def test_a_worker_that_fails_while_holding_pages_loses_no_write(server_factory, tmp_path, fate):
+    """The worker is stopped and takes pages, then is killed, or stays stopped until the
+    server gives up on it: the server encodes them itself, every write is acknowledged
+    and reads back, and it says what happened."""
     corpus = tmp_path / "pages"
     corpus.write_bytes(b"".join(pointer_pages(64, seed=3)))
     server = server_factory(extra=ALWAYS_OFFLOAD)
@@ -131,17 +134,46 @@ def test_a_worker_killed_while_holding_pages_loses_no_write(server_factory, tmp_
         while server.status()["encoder"]["pages_offloaded"] == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert server.status()["encoder"]["pages_offloaded"] > 0, writer.poll()
-        os.kill(worker, signal.SIGKILL)
+        if fate == "killed":
+            with contextlib.suppress(ProcessLookupError):  # unless the server gave up first
+                os.kill(worker, signal.SIGKILL)
         out, err = writer.communicate(timeout=120)
     finally:
         if writer.poll() is None:
             writer.kill()
     assert writer.returncode == 0, err.decode()
     assert out.decode().strip() == str(1024 + 16)
-    wait_for_log(server, "encoder worker 0")
+    log = wait_for_log(server, "encoder worker 0")
+    if fate == "hung":
+        assert "has not answered for" in log
     encoder = server.status()["encoder"]
     assert encoder["worker_failures"] == 1 and encoder["workers"] == 0
     assert not encoder["offloading"] and encoder["pages_inline"] > 0
+    assert not Path(f"/proc/{worker}").exists()
+
+
+def test_a_trim_sent_after_a_queued_write_of_its_block_lands_after_it(server_factory):
+    """A TRIM does not wait for the encoder: it must still not overtake the write of its
+    block that the client sent before it (the worker is stopped while both are sent)."""
+    server = server_factory(extra=ALWAYS_OFFLOAD)
+    (worker,) = encoder_pids(server.process.pid)
+    page = pointer_pages(1, seed=5)[0]
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        out = nbdsh(server.uri, f"""
+            import os, signal, time
+            writes = [h.aio_pwrite({page!r}, block * 4096) for block in range(8)]
+            trim = h.aio_trim(4096, 3 * 4096)
+            h.poll(100)
+            os.kill({worker}, signal.SIGCONT)
+            while h.aio_in_flight() > 0:
+                h.poll(-1)
+            print([h.pread(4096, block * 4096) == {page!r} for block in range(8)])
+        """)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGCONT)
+    assert out.strip() == str([True, True, True, False, True, True, True, True])
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -176,3 +208,46 @@ async def test_the_pool_hands_results_back_in_queue_order_equal_to_inline_encodi
     finally:
         await pool.close()
     assert pool.workers == 0
+
+
+async def test_closing_the_pool_encodes_what_a_stopped_worker_holds():
+    pool = EncoderPool(1)
+    (worker,) = pool._workers
+    os.kill(worker.process.pid, signal.SIGSTOP)
+    try:
+        pages = pointer_pages(8, seed=6)
+        results = []
+        pool.encode(pages, results.append)
+        await asyncio.sleep(0.05)  # dispatched to the stopped worker
+        assert pool.pages_offloaded == 8 and not results
+        await pool.close(timeout=0.2)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker.process.pid, signal.SIGCONT)
+    assert [tuple(encoded) for encoded in results[0]] == [tuple(encode(page)) for page in pages]
+    assert pool.worker_failures == 1 and pool.pages_offloaded == 0 and pool.pages_inline == 8
+
+
+async def test_offloading_stops_only_once_the_queue_is_empty():
+    """Cheap pages end offloading, but not while writes are queued: a write encoded
+    inline meanwhile would be placed before them."""
+    pool = EncoderPool(1, offload_above_us=0)
+    (worker,) = pool._workers
+    try:
+        pool.observe(bytes(4096))  # any time above 0 µs: offload
+        assert pool.offloading
+        pool._offload_above_ns = 1e9  # from now on every page is cheap
+        os.kill(worker.process.pid, signal.SIGSTOP)
+        results = []
+        pool.encode([bytes(4096)] * 4, results.append)
+        await asyncio.sleep(0.05)
+        assert pool.offloading and pool.busy and not results
+        os.kill(worker.process.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while not results and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert results and not pool.offloading and not pool.busy
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker.process.pid, signal.SIGCONT)
+        await pool.close()

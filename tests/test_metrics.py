@@ -207,8 +207,9 @@ def live(tmp_path_factory):
     state = Live()
     state.target = f"127.0.0.1:{free_port()}"
     policy_flags = tuple(flag for setting in LIVE_POLICY for flag in ("--policy", setting))
+    # One encoder worker whatever the machine's cores: the dashboards show its metrics.
     state.server = ServerProcess(workdir, size="512M", ram_max="2M", disk_max="64M",
-                                 extra=("--metrics", state.target, *policy_flags))
+                                 extra=("--metrics", state.target, "--encoder-workers", "1", *policy_flags))
     try:
         state.server.start()
         state.prometheus = PrometheusProcess(workdir, state.target)
