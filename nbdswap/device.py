@@ -103,8 +103,14 @@ class BlockDevice:
         return self.execute(request, connection)
 
     async def _execute_after(self, queued: asyncio.Future, request: Request, connection: ServerConnection) -> None:
-        await queued
-        await self.execute(request, connection)
+        """:meth:`execute` once the writes queued before ``request`` are placed; writes
+        queued after it wait until it is done (see :meth:`EncoderPool.queued`)."""
+        try:
+            await queued
+            await self.execute(request, connection)
+        finally:
+            if queued.done() and not queued.cancelled():
+                self.encoder.resume()
 
     def _submit_read(self, request: Request, connection: ServerConnection,
                      done: Callable[[Request], None]) -> Coroutine[None, None, None] | None:
@@ -159,17 +165,19 @@ class BlockDevice:
             done(request)
             return
         if batch is None:
-            self.encoder.pause()
             task = asyncio.get_running_loop().create_task(self.execute(request, connection))
             self._slow_writes.add(task)
+            self.encoder.pause()
             task.add_done_callback(lambda _: self._slow_write_done(task, request, done))
             return
         self._reply_when_committed(batch, request, connection, done, started)
 
     def _slow_write_done(self, task: asyncio.Task, request: Request, done: Callable[[Request], None]) -> None:
         self._slow_writes.discard(task)
-        done(request)
-        self.encoder.resume()
+        try:
+            done(request)
+        finally:
+            self.encoder.resume()
 
     def _reply_when_committed(self, batch: _Batch, request: Request, connection: ServerConnection,
                               done: Callable[[Request], None], started: int) -> None:

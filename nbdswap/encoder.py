@@ -16,8 +16,8 @@ threshold (10 µs by default; fio's 75 %-compressible buffers take 5 µs, real m
 inline encoding; a worker that dies, or holds pages without answering for
 :data:`HUNG_AFTER_S`, is given up and the server encodes its pages itself.
 
-The worker (``python -m nbdswap.encoder MEMFD SOCKET SLOTS``) stays resident like the
-server (locked memory, I/O flusher, no OOM kill): it is on the swap-out path.  It
+The worker (a Python process running :func:`main` with the ring's memfd, its socket and
+the ring's size) stays resident like the server (locked memory, I/O flusher, no OOM kill): it is on the swap-out path.  It
 ignores SIGINT and SIGTERM, which a terminal or systemd sends the whole group: it
 exits when the server closes its socket, after the server's last write is encoded.
 """
@@ -78,9 +78,12 @@ _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 #: Gets a write's encoded pages, or the exception that encoding them raised.
 Done = Callable[[list[Encoded] | Exception], None]
-#: The directory the nbdswap package is in: the worker's only import path besides the
-#: interpreter's (``-P``: not the working directory, which may be anyone's).
+#: The directory the nbdswap package is in, appended to the worker's import path: with
+#: ``-P`` the working directory (which may be anyone's) is not on it, and a server run
+#: from a checkout still finds its own package.
 _PACKAGE_PARENT = str(Path(__file__).resolve().parents[1])
+_BOOTSTRAP = ("import sys; sys.path.append(sys.argv.pop(1)); "
+              "from nbdswap.encoder import main; sys.exit(main(sys.argv[1:]))")
 
 
 def default_workers() -> int:
@@ -116,10 +119,9 @@ class _Worker:
             os.ftruncate(memfd, SLOTS * _SLOT_SIZE)
             memory = mmap.mmap(memfd, SLOTS * _SLOT_SIZE)
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            path = os.pathsep.join(filter(None, (_PACKAGE_PARENT, os.environ.get("PYTHONPATH"))))
             self.process = subprocess.Popen(
-                [sys.executable, "-P", "-m", "nbdswap.encoder", str(memfd), str(theirs.fileno()), str(SLOTS)],
-                pass_fds=(memfd, theirs.fileno()), cwd="/", env={**os.environ, "PYTHONPATH": path})
+                [sys.executable, "-P", "-c", _BOOTSTRAP, _PACKAGE_PARENT, str(memfd), str(theirs.fileno()),
+                 str(SLOTS)], pass_fds=(memfd, theirs.fileno()))
         except BaseException:
             for resource in (ours, memory):
                 if resource is not None:
@@ -200,19 +202,19 @@ class _Worker:
             return 0.0
         return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
-    def stop(self, kill: bool = False) -> None:
-        """Close the socket (the worker exits on it) and wait for the process; ``kill``
-        it first when it is given up."""
+    def detach(self) -> None:
+        """Stop using the worker: it exits on the closed socket (see :meth:`wait`)."""
         self.alive = False
         self.socket.close()
-        if kill:
-            self.process.kill()
+        self.memory.close()
+
+    def wait(self) -> None:
+        """Reap the detached worker, killing it after 5 s (blocks: not on the loop)."""
         try:
             self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        self.memory.close()
 
 
 class EncoderPool:
@@ -232,7 +234,7 @@ class EncoderPool:
         for number in range(workers):
             try:
                 worker = _Worker(number)
-            except OSError as error:
+            except (OSError, subprocess.SubprocessError) as error:
                 log.error("cannot start encoder worker %d: %s; %d running", number, error, len(self._workers))
                 continue
             self._workers.append(worker)
@@ -258,8 +260,8 @@ class EncoderPool:
 
     @property
     def busy(self) -> bool:
-        """Whether writes are queued (see :meth:`queued`)."""
-        return bool(self._jobs)
+        """Whether writes are queued or held back (see :meth:`queued`, :meth:`pause`)."""
+        return bool(self._jobs) or bool(self._paused)
 
     def stats(self) -> dict:
         """For ``status`` and the metrics (read from the scrape thread too)."""
@@ -291,16 +293,23 @@ class EncoderPool:
         self._turn_pages += len(pages)
 
     def queued(self) -> asyncio.Future:
-        """A future done once every write queued so far was handed to its callback."""
+        """A future done once every write queued so far was handed to its callback.  The
+        deliveries are then paused: the caller calls :meth:`resume` when its request is
+        done, so that no later write overtakes it either."""
         future = self._loop.create_future()
-        marker = _Job([], lambda _: future.done() or future.set_result(None))
-        self._jobs.append(marker)
+
+        def reached(_: object) -> None:
+            if not future.done():  # not cancelled
+                future.set_result(None)
+                self.pause()
+
+        self._jobs.append(_Job([], reached))
         self._deliver()
         return future
 
     def pause(self) -> None:
-        """Hand no result over until :meth:`resume`: a write sent to a slower path keeps
-        its place ahead of the later ones."""
+        """Hand no result over until :meth:`resume`: a write sent to a slower path, or a
+        request that waited for :meth:`queued`, keeps its place ahead of later writes."""
         self._paused += 1
 
     def resume(self) -> None:
@@ -330,12 +339,12 @@ class EncoderPool:
             return
         if not worker.owners:
             worker.last_progress = self._loop.time()
+        self.pages_offloaded += pages
         try:
             worker.send(jobs)
         except OSError as error:
             self._give_up(worker, f"cannot be sent pages: {error}")  # these included
             return
-        self.pages_offloaded += pages
         if self._watchdog is None:
             self._watchdog = self._loop.call_later(HUNG_AFTER_S, self._check_workers)
 
@@ -384,21 +393,21 @@ class EncoderPool:
         if any(worker.alive and worker.owners for worker in self._workers):
             self._watchdog = self._loop.call_later(HUNG_AFTER_S / 2, self._check_workers)
 
-    def _give_up(self, worker: _Worker, reason: str | None) -> None:
-        """Stop using ``worker`` (``reason``: it failed, and is killed) and encode the
-        pages it held here."""
+    def _give_up(self, worker: _Worker, reason: str) -> None:
+        """Kill ``worker``, which failed for ``reason``, and encode the pages it held here.
+        It is reaped off the loop: a worker stuck in reclaim may take time to die."""
         if not worker.alive:
             return
         self._loop.remove_reader(worker.socket.fileno())
         pending = {id(job): job for job, _ in worker.owners}
         worker.owners.clear()
         self._cpu_of_stopped += worker.cpu_seconds()
-        worker.stop(kill=reason is not None)
-        if reason is not None:
-            self.worker_failures += 1
-            log.error("encoder worker %d (pid %d) %s (exit status %s): the server encodes its "
-                      "pages; %d workers left", worker.number, worker.process.pid, reason,
-                      worker.process.returncode, self.workers)
+        worker.detach()
+        worker.process.kill()
+        self._loop.run_in_executor(None, worker.wait)
+        self.worker_failures += 1
+        log.error("encoder worker %d (pid %d) %s: killed, the server encodes its pages; %d workers left",
+                  worker.number, worker.process.pid, reason, self.workers)
         for job in pending.values():
             self.pages_offloaded -= self._encode_inline(job)
         self._deliver()
@@ -413,7 +422,7 @@ class EncoderPool:
                 job.done(job.error or job.results)
             except Exception:  # noqa: BLE001 - one write's failure must not stall the rest
                 log.exception("handing an encoded write over failed")
-        if (not jobs and self.offloading
+        if (not jobs and self.offloading and not self._paused
                 and (self._estimate_ns < INLINE_BELOW_SHARE * self._offload_above_ns or not self.workers)):
             self.offloading = False
             log.info("pages take %.1f µs to encode: encoding them in the server",
@@ -433,7 +442,8 @@ class EncoderPool:
             elif worker.alive:
                 self._loop.remove_reader(worker.socket.fileno())
                 self._cpu_of_stopped += worker.cpu_seconds()
-                await asyncio.to_thread(worker.stop)
+                worker.detach()
+                await asyncio.to_thread(worker.wait)
 
 
 def _serve_encodings(memory: mmap.mmap, channel: socket.socket, slots: int) -> None:
@@ -480,6 +490,3 @@ def main(argv: list[str]) -> int:
             pass  # the server died
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -152,27 +152,51 @@ def test_a_worker_that_fails_while_holding_pages_loses_no_write(server_factory, 
     assert not Path(f"/proc/{worker}").exists()
 
 
-def test_a_trim_sent_after_a_queued_write_of_its_block_lands_after_it(server_factory):
-    """A TRIM does not wait for the encoder: it must still not overtake the write of its
-    block that the client sent before it (the worker is stopped while both are sent)."""
+def test_a_trim_sent_after_a_queued_write_of_its_block_lands_after_it(server_factory, tmp_path):
+    """A TRIM does not go through the encoder: it must still not overtake the write of
+    its block that the client sent before it.  One 8-page write goes to the stopped
+    worker (a single request: one loop turn of 8 pages), then a TRIM of its fourth
+    block is sent; the TRIM must not complete before the write, nor undo it after."""
     server = server_factory(extra=ALWAYS_OFFLOAD)
     (worker,) = encoder_pids(server.process.pid)
-    page = pointer_pages(1, seed=5)[0]
-    os.kill(worker, signal.SIGSTOP)
+    pages = pointer_pages(8, seed=5)
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        pages = {pages!r}
+        h.pwrite(b"".join(pages), 64 * 4096)  # offloading on, the worker warmed up
+        print("ready", flush=True); sys.stdin.readline()
+        write = h.aio_pwrite(b"".join(pages), 0)
+        trim = h.aio_trim(4096, 3 * 4096)
+        for _ in range(20):
+            h.poll(50)
+        print(h.aio_command_completed(write), h.aio_command_completed(trim), flush=True)
+        sys.stdin.readline()
+        while h.aio_in_flight() > 0:
+            h.poll(-1)
+        print([h.pread(4096, block * 4096) == page for block, page in enumerate(pages)], flush=True)
+    """))
+    client = subprocess.Popen(["nbdsh", "-u", server.uri, "-c", f"exec(open({str(script)!r}).read())"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PATH": f"/usr/bin:/bin:{os.environ.get('PATH', '')}"})
     try:
-        out = nbdsh(server.uri, f"""
-            import os, signal, time
-            writes = [h.aio_pwrite({page!r}, block * 4096) for block in range(8)]
-            trim = h.aio_trim(4096, 3 * 4096)
-            h.poll(100)
-            os.kill({worker}, signal.SIGCONT)
-            while h.aio_in_flight() > 0:
-                h.poll(-1)
-            print([h.pread(4096, block * 4096) == {page!r} for block in range(8)])
-        """)
+        assert client.stdout.readline().strip() == "ready"
+        offloaded = server.status()["encoder"]["pages_offloaded"]
+        os.kill(worker, signal.SIGSTOP)
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        assert client.stdout.readline().split() == ["False", "False"]  # both wait for the worker
+        assert server.status()["encoder"]["pages_offloaded"] == offloaded + 8
+        os.kill(worker, signal.SIGCONT)
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        out, err = client.communicate(timeout=60)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(worker, signal.SIGCONT)
+        if client.poll() is None:
+            client.kill()
+    assert client.returncode == 0, err
     assert out.strip() == str([True, True, True, False, True, True, True, True])
 
 
@@ -250,4 +274,45 @@ async def test_offloading_stops_only_once_the_queue_is_empty():
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(worker.process.pid, signal.SIGCONT)
+        await pool.close()
+
+
+async def test_an_encoding_error_or_a_failing_callback_stops_one_write_not_the_queue():
+    pool = EncoderPool(1)
+    try:
+        delivered = []
+
+        def failing(_):
+            delivered.append("failing")
+            raise RuntimeError("a callback failed")
+
+        good = pointer_pages(1, seed=7)
+        pool.encode([b"not a page"], delivered.append)  # codec.encode raises ValueError
+        pool.encode(good, failing)
+        pool.encode(good, delivered.append)
+        await asyncio.sleep(0.05)
+        assert isinstance(delivered[0], ValueError)
+        assert delivered[1] == "failing"
+        assert [tuple(encoded) for encoded in delivered[2]] == [tuple(encode(good[0]))]
+        assert not pool.busy
+    finally:
+        await pool.close()
+
+
+async def test_a_request_that_waited_for_the_queue_holds_later_writes_until_it_resumes():
+    """What a TRIM sent between two writes of a block sees: the first write placed,
+    the second not yet."""
+    pool = EncoderPool(1)
+    try:
+        delivered = []
+        page = pointer_pages(1, seed=8)
+        pool.encode(page, lambda _: delivered.append("first"))
+        queued = pool.queued()
+        pool.encode(page, lambda _: delivered.append("second"))
+        await asyncio.wait_for(queued, 10)
+        await asyncio.sleep(0.05)
+        assert delivered == ["first"] and pool.busy
+        pool.resume()
+        assert delivered == ["first", "second"] and not pool.busy
+    finally:
         await pool.close()
