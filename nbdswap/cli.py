@@ -44,7 +44,7 @@ def _add_serve(subparsers) -> None:
                             "(default: one per further core, at most 4; 0: none)")
     serve.add_argument("--encoder-offload-above", type=float, metavar="MICROSECONDS",
                        help="use the encoder workers while a page takes longer than this "
-                            "to compress (default 10; 0: always)")
+                            "to compress (default 12; 0: always)")
     _add_security_flags(serve)
     _add_remote_flags(serve)
     serve.add_argument("--policy", dest="policy_set", action="append", metavar="KEY=VALUE",

@@ -111,7 +111,7 @@ class ServeConfig:
     metrics: str | None = None
     log_level: str = "info"
     encoder_workers: int | None = None  # None: encoder.default_workers()
-    encoder_offload_above: float = 10.0  # µs; encoder.OFFLOAD_ABOVE_US
+    encoder_offload_above: float = 12.0  # µs; encoder.OFFLOAD_ABOVE_US
     # limits, access control and TLS of the NBD listeners (see server.ServerPolicy)
     handshake_timeout: float = 10.0
     max_option_length: int = 64 << 10
