@@ -111,7 +111,7 @@ class ServeConfig:
     metrics: str | None = None
     log_level: str = "info"
     encoder_workers: int | None = None  # None: encoder.default_workers()
-    encoder_offload_above: float = 12.0  # µs; encoder.OFFLOAD_ABOVE_US
+    encoder_offload_above: float | None = None  # µs; None: encoder.OFFLOAD_ABOVE_US
     # limits, access control and TLS of the NBD listeners (see server.ServerPolicy)
     handshake_timeout: float = 10.0
     max_option_length: int = 64 << 10
@@ -182,9 +182,11 @@ class ServeConfig:
             parse_host_port(self.metrics)
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"log-level must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}")
-        if self.encoder_workers is None:
-            from .encoder import default_workers
+        from .encoder import OFFLOAD_ABOVE_US, default_workers
 
+        if self.encoder_offload_above is None:
+            self.encoder_offload_above = OFFLOAD_ABOVE_US
+        if self.encoder_workers is None:
             self.encoder_workers = default_workers()
         elif not isinstance(self.encoder_workers, int) or not 0 <= self.encoder_workers <= 64:
             raise ConfigError("encoder-workers must be a whole number from 0 to 64")

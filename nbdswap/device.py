@@ -130,15 +130,18 @@ class BlockDevice:
     def _submit_write(self, request: Request, connection: ServerConnection,
                       done: Callable[[Request], None]) -> Coroutine[None, None, None] | None:
         started = perf_counter_ns()
-        encoder = self.encoder
+        encoder, encoded = self.encoder, None
         if encoder is not None and not (request.offset | request.length) % BLOCK_SIZE:
+            pages = _pages(request.data)
             if encoder.offloading:
-                encoder.encode(_pages(request.data),
-                               lambda encoded: self._place_offloaded(request, connection, done, started, encoded))
+                encoder.encode(pages, lambda encoded: self._place_offloaded(request, connection, done, started, encoded))
                 return None
-            encoder.observe(request.data)
+            encoded = encoder.observe(pages)
         try:
-            batch = self.store.write_now(request.offset, request.data)
+            if encoded is None:
+                batch = self.store.write_now(request.offset, request.data)
+            else:
+                batch = self.store.write_encoded_now(request.offset, encoded)
         except Exception as error:  # noqa: BLE001 - every failure becomes an NBD error
             self._fail(request, connection, "write", error)
             self.stats["write"].record(request.length, perf_counter_ns() - started)

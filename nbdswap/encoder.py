@@ -8,8 +8,9 @@ writes the result next to the page, answering every :data:`ANSWER_PAGES` pages s
 the loop places those while it goes on, and the loop places the encoded pages in the
 order the writes arrived, so two in-flight writes of one block land as they were sent.
 
-Offloading costs the loop about 3 µs a page (the copy, the bookkeeping, the wake-ups)
-and the client some latency, so it is only done while it pays: :class:`EncoderPool`
+Offloading costs the loop CPU too: 3 µs a page in a bare prototype (the copy, the
+bookkeeping, the wake-ups), about 12 µs in the server (smaller commit batches, more loop
+turns; bench/RESULTS.md), and the client some latency, so it is only done while it pays: :class:`EncoderPool`
 keeps an estimate of what encoding a page takes and offloads while that is above a
 threshold (12 µs by default; fio's 75 %-compressible buffers take 6.5 µs on average in
 the loop, with a tenth of them above 11.5 µs; real memory 15-18 µs).  A loop turn with fewer than :data:`MIN_OFFLOAD` pages and a full ring mean
@@ -228,7 +229,7 @@ class EncoderPool:
     being written, a FUA write) wait for :meth:`queued`.
     """
 
-    def __init__(self, workers: int, offload_above_us: float = OFFLOAD_ABOVE_US) -> None:
+    def __init__(self, workers: int, offload_above_us: float) -> None:
         self._loop = asyncio.get_running_loop()
         self._offload_above_ns = offload_above_us * 1000
         self._workers: list[_Worker] = []
@@ -272,17 +273,20 @@ class EncoderPool:
                 "pages_offloaded": self.pages_offloaded, "pages_inline": self.pages_inline,
                 "worker_failures": self.worker_failures, "cpu_seconds": round(cpu, 2)}
 
-    def observe(self, data: bytes) -> None:
-        """Count a write the server encodes itself, and time the encoding of its first
-        page again one write in :data:`_SAMPLE_EVERY` for the choice of :attr:`offloading`
-        (this costs a cheap write 0.4 %; timing each write's own encoding cost it 5 %)."""
-        self.pages_inline += len(data) // PAGE_SIZE
+    def observe(self, pages: list[bytes]) -> list[Encoded] | None:
+        """Count a write the server encodes itself; one write in :data:`_SAMPLE_EVERY`,
+        encode its pages here, timed for the choice of :attr:`offloading`, and return
+        them (otherwise ``None``: the store encodes them, untimed; timing every write
+        cost fio's writes 5 %)."""
+        self.pages_inline += len(pages)
         self._until_sample -= 1
-        if not self._until_sample:
-            self._until_sample = _SAMPLE_EVERY
-            started = perf_counter_ns()
-            encode(data[:PAGE_SIZE])
-            self._learn(perf_counter_ns() - started, 1, _SAMPLE_EVERY)
+        if self._until_sample:
+            return None
+        self._until_sample = _SAMPLE_EVERY
+        started = perf_counter_ns()
+        encoded = [encode(page) for page in pages]
+        self._learn(perf_counter_ns() - started, len(pages), _SAMPLE_EVERY)
+        return encoded
 
     def encode(self, pages: list[bytes], done: Done) -> None:
         """Queue a write's pages; they go to a worker at the end of this loop turn."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from nbdswap.codec import encode
-from nbdswap.encoder import EncoderPool
+from nbdswap.encoder import OFFLOAD_ABOVE_US, EncoderPool
 from nbdutil import mixed_data, nbdsh, wait_for_log
 
 ALWAYS_OFFLOAD = ("--encoder-workers", "1", "--encoder-offload-above", "0")
@@ -202,7 +202,7 @@ def test_a_trim_sent_after_a_queued_write_of_its_block_lands_after_it(server_fac
 
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_the_pool_hands_results_back_in_queue_order_equal_to_inline_encoding(workers):
-    pool = EncoderPool(workers)
+    pool = EncoderPool(workers, OFFLOAD_ABOVE_US)
     try:
         pages = pointer_pages(40, seed=4) + [bytes(4096), b"\x07" * 4096, os.urandom(4096)]
         delivered: list[int] = []
@@ -235,7 +235,7 @@ async def test_the_pool_hands_results_back_in_queue_order_equal_to_inline_encodi
 
 
 async def test_closing_the_pool_encodes_what_a_stopped_worker_holds():
-    pool = EncoderPool(1)
+    pool = EncoderPool(1, OFFLOAD_ABOVE_US)
     (worker,) = pool._workers
     os.kill(worker.process.pid, signal.SIGSTOP)
     try:
@@ -258,19 +258,24 @@ async def test_offloading_stops_only_once_the_queue_is_empty():
     pool = EncoderPool(1, offload_above_us=0)
     (worker,) = pool._workers
     try:
-        pool.observe(bytes(4096))  # any time above 0 µs: offload
+        for _ in range(64):  # one sampled write: any time above 0 µs means offload
+            pool.observe([bytes(4096)])
         assert pool.offloading
         pool._offload_above_ns = 1e9  # from now on every page is cheap
         os.kill(worker.process.pid, signal.SIGSTOP)
         results = []
         pool.encode([bytes(4096)] * 4, results.append)
         await asyncio.sleep(0.05)
+        pool.encode([bytes(4096)], results.append)  # a 1-page turn: encoded here, then delivery tried
+        await asyncio.sleep(0.05)
         assert pool.offloading and pool.busy and not results
         os.kill(worker.process.pid, signal.SIGCONT)
         deadline = time.monotonic() + 10
         while not results and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        assert results and not pool.offloading and not pool.busy
+        while len(results) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert len(results) == 2 and not pool.offloading and not pool.busy
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(worker.process.pid, signal.SIGCONT)
@@ -278,7 +283,7 @@ async def test_offloading_stops_only_once_the_queue_is_empty():
 
 
 async def test_an_encoding_error_or_a_failing_callback_stops_one_write_not_the_queue():
-    pool = EncoderPool(1)
+    pool = EncoderPool(1, OFFLOAD_ABOVE_US)
     try:
         delivered = []
 
@@ -302,7 +307,7 @@ async def test_an_encoding_error_or_a_failing_callback_stops_one_write_not_the_q
 async def test_a_request_that_waited_for_the_queue_holds_later_writes_until_it_resumes():
     """What a TRIM sent between two writes of a block sees: the first write placed,
     the second not yet."""
-    pool = EncoderPool(1)
+    pool = EncoderPool(1, OFFLOAD_ABOVE_US)
     try:
         delivered = []
         page = pointer_pages(1, seed=8)
