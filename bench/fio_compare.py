@@ -370,7 +370,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(args, names, jobs, workdir, servers, table)
     finally:
-        remove_arena(workdir / "vm-nbdswap-state")
         if args.keep:
             print(f"# logs kept in {workdir}")
         else:
