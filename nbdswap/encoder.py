@@ -15,7 +15,8 @@ keeps an estimate of what encoding a page takes and offloads while that is above
 threshold (12 µs by default; fio's 75 %-compressible buffers take 6.5 µs on average in
 the loop, with a tenth of them above 11.5 µs; real memory 15-18 µs).  A loop turn with fewer than :data:`MIN_OFFLOAD` pages and a full ring mean
 inline encoding; a worker that dies, or holds pages without answering for
-:data:`HUNG_AFTER_S`, is given up and the server encodes its pages itself.
+:data:`HUNG_AFTER_S`, is given up and the server encodes its pages itself, and a new one
+takes its place after :data:`RESTART_AFTER_S`.
 
 The worker (a Python process running :func:`main` with the ring's memfd, its socket and
 the ring's size) stays resident like the server (locked memory, I/O flusher, no OOM kill): it is on the swap-out path.  It
@@ -60,6 +61,10 @@ _SAMPLE_EVERY = 64
 #: A worker holding pages that has not answered for this long is given up (killed; the
 #: server encodes its pages): it encodes 256 pages in about 5 ms.
 HUNG_AFTER_S = 2.0
+#: A given-up worker is replaced after this long; after twice as long if its replacement
+#: fails too before it encoded a page, and so on up to :data:`RESTART_AFTER_MAX_S`.
+RESTART_AFTER_S = 5.0
+RESTART_AFTER_MAX_S = 300.0
 #: The worker answers after this many pages (measured: 4 and 2 alike, 8 and 1 slower).
 ANSWER_PAGES = 4
 #: Pages a worker holds at once (its shared memory: SLOTS x 8 KiB).
@@ -234,13 +239,12 @@ class EncoderPool:
         self._offload_above_ns = offload_above_us * 1000
         self._workers: list[_Worker] = []
         for number in range(workers):
-            try:
-                worker = _Worker(number)
-            except (OSError, subprocess.SubprocessError) as error:
-                log.error("cannot start encoder worker %d: %s; %d running", number, error, len(self._workers))
-                continue
-            self._workers.append(worker)
-            self._loop.add_reader(worker.socket.fileno(), self._received, worker)
+            worker = self._start(number)
+            if worker is not None:
+                self._workers.append(worker)
+        self._restart_after = RESTART_AFTER_S
+        self._restarts: dict[int, asyncio.TimerHandle] = {}  # by index in _workers
+        self._closing = False
         self._jobs: deque[_Job] = deque()  # every queued job, oldest first
         self._turn: list[_Job] = []  # queued during this loop turn, not yet sent
         self._turn_pages = 0
@@ -332,6 +336,31 @@ class EncoderPool:
             log.info("pages take %.1f µs to encode: encoding them on %d worker processes",
                      self._estimate_ns / 1000, self.workers)
 
+    def _start(self, number: int) -> _Worker | None:
+        try:
+            worker = _Worker(number)
+        except (OSError, subprocess.SubprocessError) as error:
+            log.error("cannot start encoder worker %d: %s", number, error)
+            return None
+        self._loop.add_reader(worker.socket.fileno(), self._received, worker)
+        return worker
+
+    def _restart_later(self, index: int) -> None:
+        if not self._closing:
+            self._restarts[index] = self._loop.call_later(self._restart_after, self._restart, index)
+            self._restart_after = min(2 * self._restart_after, RESTART_AFTER_MAX_S)
+
+    def _restart(self, index: int) -> None:
+        """Replace the given-up worker at ``index`` (see :data:`RESTART_AFTER_S`)."""
+        del self._restarts[index]
+        worker = self._start(self._workers[index].number)
+        if worker is None:
+            self._restart_later(index)
+            return
+        self._workers[index] = worker
+        log.warning("encoder worker %d restarted (pid %d); %d workers running",
+                    worker.number, worker.process.pid, self.workers)
+
     def _dispatch(self) -> None:
         """Send this turn's pages to a worker, or encode them here (see the module)."""
         jobs, pages = self._turn, self._turn_pages
@@ -385,6 +414,7 @@ class EncoderPool:
             return
         if before > len(worker.owners):
             worker.last_progress = self._loop.time()
+            self._restart_after = RESTART_AFTER_S
             self._learn(took, before - len(worker.owners))
         self._deliver()
 
@@ -413,6 +443,7 @@ class EncoderPool:
         self.worker_failures += 1
         log.error("encoder worker %d (pid %d) %s: killed, the server encodes its pages; %d workers left",
                   worker.number, worker.process.pid, reason, self.workers)
+        self._restart_later(self._workers.index(worker))
         for job in pending.values():
             self.pages_offloaded -= self._encode_inline(job)
         self._deliver()
@@ -436,6 +467,10 @@ class EncoderPool:
     async def close(self, timeout: float = 5.0) -> None:
         """Wait (up to ``timeout`` seconds) for the pages the workers hold, then stop
         them; pages still held then are encoded here."""
+        self._closing = True
+        for restart in self._restarts.values():
+            restart.cancel()
+        self._restarts.clear()
         deadline = self._loop.time() + timeout
         while any(worker.owners for worker in self._workers if worker.alive) and self._loop.time() < deadline:
             await asyncio.sleep(0.001)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from nbdswap.codec import encode
+from nbdswap import encoder
 from nbdswap.encoder import OFFLOAD_ABOVE_US, EncoderPool
 from nbdutil import mixed_data, nbdsh, wait_for_log
 
@@ -321,3 +322,49 @@ async def test_a_request_that_waited_for_the_queue_holds_later_writes_until_it_r
         assert delivered == ["first", "second"] and not pool.busy
     finally:
         await pool.close()
+
+
+async def _until(condition, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+
+
+async def test_a_worker_that_died_is_replaced_and_its_replacement_encodes(monkeypatch):
+    monkeypatch.setattr(encoder, "RESTART_AFTER_S", 0.2)
+    pool = EncoderPool(1, OFFLOAD_ABOVE_US)
+    try:
+        (first,) = pool._workers
+        os.kill(first.process.pid, signal.SIGKILL)
+        await _until(lambda: pool.worker_failures)
+        assert pool.workers == 0
+        await _until(lambda: pool.workers)
+        (second,) = pool._workers
+        assert second.process.pid != first.process.pid
+        pages = pointer_pages(8, seed=9)
+        results = []
+        pool.encode(pages, results.append)
+        await _until(lambda: results)
+        assert [tuple(encoded) for encoded in results[0]] == [tuple(encode(page)) for page in pages]
+        assert pool.pages_offloaded == 8 and pool.worker_failures == 1
+        assert pool._restart_after == 0.2  # a replacement that encoded ends the row of failures
+    finally:
+        await pool.close()
+    assert pool.workers == 0
+
+
+async def test_replacements_that_keep_failing_come_ever_later_and_none_after_close(monkeypatch):
+    monkeypatch.setattr(encoder, "RESTART_AFTER_S", 0.1)
+    pool = EncoderPool(1, OFFLOAD_ABOVE_US)
+    try:
+        for failures in range(1, 4):
+            await _until(lambda: pool.workers)
+            os.kill(pool._workers[0].process.pid, signal.SIGKILL)
+            await _until(lambda: pool.worker_failures == failures)
+            assert pool._restart_after == pytest.approx(0.1 * 2 ** failures)
+        assert pool._restarts  # the third replacement is due in 0.4 s
+    finally:
+        await pool.close()
+    assert not pool._restarts
+    await asyncio.sleep(0.5)
+    assert pool.workers == 0
