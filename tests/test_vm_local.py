@@ -18,9 +18,14 @@ The guest's root file system is ramfs (rootfstype=ramfs): it stands for a host's
 disk, whose program files are read back from disk and never go to swap; on tmpfs the
 server's not yet used code could be paged out to the device it serves itself.
 
+The server runs one encoder worker and offloads every write of four pages or more to
+it (the guest has one vCPU, where the default is no worker): the worker, too, must
+stay resident and keep encoding while the machine swaps to its server.
+
 Fails on a hog failure, any guest I/O error, oops or OOM kill, too little swap-out,
-a server or client with swapped-out pages, without oom_score_adj -1000 or with a
-thread not marked PR_SET_IO_FLUSHER, no block on the disk tier, or an unclean exit.
+a server, encoder worker or client with swapped-out pages, without oom_score_adj
+-1000 or with a thread not marked PR_SET_IO_FLUSHER, no block on the disk tier, no
+page encoded on the worker or a worker given up, or an unclean exit.
 Takes about 12 minutes under TCG; needs root.
 """
 
@@ -51,6 +56,8 @@ DISK_MIB = 1024
 RAM_MAX = "8M"
 DISK_MAX = "768M"
 VM_TIMEOUT_S = 45 * 60
+#: Every write of MIN_OFFLOAD pages or more goes to the worker, whatever its pages cost.
+ENCODER_ARGS = "e2e.encoder_workers=1 e2e.encoder_offload_above=0"
 #: PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE: what PR_SET_IO_FLUSHER sets on a thread.
 IO_FLUSHER_FLAGS = 0x80000 | 0x100000
 RAMFS_MAGIC = 0x858458F6
@@ -111,7 +118,7 @@ def test_server_backs_swap_of_its_own_host(tmp_path: Path, capsys: pytest.Captur
             None, tmp_path / "console.log", kernel=kernel, initrd=initrd, mem_mib=GUEST_MEM_MIB,
             hog_mib=HOG_MIB, timeout=VM_TIMEOUT_S, network=False, disks=[disk],
             extra_append=(f"e2e.client=local rootfstype=ramfs e2e.hog_cgroup={HOG_CGROUP_MIB} "
-                          f"e2e.ram_max={RAM_MAX} e2e.disk_max={DISK_MAX}"))
+                          f"e2e.ram_max={RAM_MAX} e2e.disk_max={DISK_MAX} {ENCODER_ARGS}"))
     finally:
         disk.unlink()
     console = result.console
@@ -130,8 +137,12 @@ def test_server_backs_swap_of_its_own_host(tmp_path: Path, capsys: pytest.Captur
         failures.append(f"only {swapped_mib:.0f} MiB swapped out: the hog cannot fit in RAM, at least "
                         f"{HOG_MIB - GUEST_MEM_MIB} MiB must have gone to nbdswap")
     server = _check_resident(console, "server", failures)
+    worker = _check_resident(console, "encoder", failures)
     client = _check_resident(console, "attach", failures)
     status = _server_status(console, failures)
+    encoder = status.get("encoder", {})
+    if not encoder.get("pages_offloaded") or encoder.get("worker_failures") != 0:
+        failures.append(f"the worker encoded no page, or was given up: {encoder}")
     tiers = status.get("tiers", {})
     if not tiers.get("disk", {}).get("blocks"):
         failures.append(f"no block on the disk tier: {tiers}")
@@ -141,7 +152,7 @@ def test_server_backs_swap_of_its_own_host(tmp_path: Path, capsys: pytest.Captur
 
     summary = (f"VM local [{GUEST_MEM_MIB} MiB guest, {HOG_MIB} MiB hog in {HOG_CGROUP_MIB} MiB]: "
                f"wall {result.wall_s:.1f}s, pswpout={result.pswpout} pswpin={result.pswpin}; "
-               f"{server}; {client}; tier blocks: "
+               f"{server}; {worker}; {client}; encoder: {encoder}; tier blocks: "
                + ", ".join(f"{name}={tier.get('blocks')}" for name, tier in tiers.items()))
     with capsys.disabled():
         print(f"\n{summary}")
