@@ -1,7 +1,8 @@
 """Encoding written pages on worker processes: the server's other cores.
 
-The server is one event-loop thread, and on real memory zstd is close to half of a
-write's CPU (15-17 µs of about 36 µs per page here).  Threads cannot take that work off
+The server is one event-loop thread, and on real memory zstd is a large part of a
+write's CPU (5-8 µs a page at :data:`codec.WRITE_LEVEL`, 15-17 µs of about 36 µs at
+level 1, which the server used before).  Threads cannot take that work off
 the loop (the GIL: tried and dropped, bench/RESULTS.md); processes can.  The loop copies
 each page into memory it shares with a worker, the worker runs :func:`codec.encode` and
 writes the result next to the page, answering every :data:`ANSWER_PAGES` pages so that
@@ -12,8 +13,10 @@ Offloading costs the loop CPU too: 3 µs a page in a bare prototype (the copy, t
 bookkeeping, the wake-ups), about 12 µs in the server (smaller commit batches, more loop
 turns; bench/RESULTS.md), and the client some latency, so it is only done while it pays: :class:`EncoderPool`
 keeps an estimate of what encoding a page takes and offloads while that is above a
-threshold (12 µs by default; fio's 75 %-compressible buffers take 6.5 µs on average in
-the loop, with a tenth of them above 11.5 µs; real memory 15-18 µs).  A loop turn with fewer than :data:`MIN_OFFLOAD` pages and a full ring mean
+threshold (12 µs by default; at level 1 fio's 75 %-compressible buffers took 6.5 µs on
+average in the loop, with a tenth of them above 11.5 µs, and real memory 15-18 µs; at
+level -1 both mostly stay below it, and offloading them no longer paid on this 2-core
+machine, bench/RESULTS.md).  A loop turn with fewer than :data:`MIN_OFFLOAD` pages and a full ring mean
 inline encoding; a worker that dies, or holds pages without answering for
 :data:`HUNG_AFTER_S`, is given up and the server encodes its pages itself, and a new one
 takes its place after :data:`RESTART_AFTER_S`.
