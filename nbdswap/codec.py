@@ -39,11 +39,12 @@ WORDS_PER_PAGE = PAGE_SIZE // WORD_SIZE
 RAW_THRESHOLD = PAGE_SIZE - 64
 CHECKSUM_MASK = 0xFFFF_FFFF
 
-#: zstd level of written pages.  -1 takes 30-50 % less CPU than level 1 (real memory
-#: 7.8 against 10.9 µs a page, fio's buffers 2.7 against 5.3) for 0-6 % more bytes (1.055
-#: against 0.992x the zram-like reference on a real-memory corpus), which grouping idle
-#: and cold pages at :data:`GROUP_LEVEL` takes back: the write is on the swap-out path,
-#: the grouping is background work (zram's recompression of idle pages, the same idea).
+#: zstd level of written pages.  -1 takes 28-50 % less CPU than level 1 (one process,
+#: real memory 5.0-7.8 against 8.4-10.9 µs a page, fio's buffers 2.7 against 5.3) for
+#: about 6 % more bytes (1.055 against 0.992x the zram-like reference on a real-memory
+#: corpus, 4-16 % on parts of it), which grouping idle and cold pages at
+#: :data:`GROUP_LEVEL` takes back: the write is on the swap-out path, the grouping is
+#: background work (zram's recompression of idle pages, the same idea).
 WRITE_LEVEL = -1
 _COMPRESSOR = zstandard.ZstdCompressor(
     compression_params=zstandard.ZstdCompressionParameters.from_level(

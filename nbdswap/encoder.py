@@ -1,8 +1,9 @@
 """Encoding written pages on worker processes: the server's other cores.
 
 The server is one event-loop thread, and on real memory zstd is a large part of a
-write's CPU (5-8 µs a page at :data:`codec.WRITE_LEVEL`, 15-17 µs of about 36 µs at
-level 1, which the server used before).  Threads cannot take that work off
+write's CPU (in one process, 5.0-7.8 µs a page at :data:`codec.WRITE_LEVEL` against
+8.4-10.9 at level 1, which the server used before; profiled in the server at level 1,
+15-17 µs of about 36 µs).  Threads cannot take that work off
 the loop (the GIL: tried and dropped, bench/RESULTS.md); processes can.  The loop copies
 each page into memory it shares with a worker, the worker runs :func:`codec.encode` and
 writes the result next to the page, answering every :data:`ANSWER_PAGES` pages so that
@@ -19,7 +20,8 @@ level -1 both mostly stay below it, and offloading them no longer paid on this 2
 machine, bench/RESULTS.md).  A loop turn with fewer than :data:`MIN_OFFLOAD` pages and a full ring mean
 inline encoding; a worker that dies, or holds pages without answering for
 :data:`HUNG_AFTER_S`, is given up and the server encodes its pages itself, and a new one
-takes its place after :data:`RESTART_AFTER_S`.
+takes its place after :data:`RESTART_AFTER_S`.  A worker gets pages only once it said it
+is ready (:data:`_READY`), with a checksum of its code that must be the server's.
 
 The worker (a Python process running :func:`main` with the ring's memfd, its socket and
 the ring's size) stays resident like the server (locked memory, I/O flusher, no OOM kill): it is on the swap-out path.  It
@@ -38,11 +40,13 @@ import socket
 import struct
 import subprocess
 import sys
+import zlib
 from collections import deque
 from pathlib import Path
 from time import perf_counter_ns
 from typing import Callable
 
+from . import codec
 from .codec import PAGE_SIZE, Encoded, PageKind, encode
 
 log = logging.getLogger(__name__)
@@ -64,8 +68,9 @@ _SAMPLE_EVERY = 64
 #: A worker holding pages that has not answered for this long is given up (killed; the
 #: server encodes its pages): it encodes 256 pages in about 5 ms.
 HUNG_AFTER_S = 2.0
-#: A given-up worker is replaced after this long; after twice as long if its replacement
-#: fails too before it encoded a page, and so on up to :data:`RESTART_AFTER_MAX_S`.
+#: A given-up worker is replaced after this long; after twice as long each time the
+#: worker in its place fails within :data:`RESTART_AFTER_MAX_S` of its start, and so on up
+#: to that.  Each place backs off on its own.
 RESTART_AFTER_S = 5.0
 RESTART_AFTER_MAX_S = 300.0
 #: The worker answers after this many pages (measured: 4 and 2 alike, 8 and 1 slower).
@@ -80,6 +85,9 @@ _PAGE_AT = _RESULT.size
 _PAYLOAD_AT = _RESULT.size + PAGE_SIZE
 #: A request to a worker, and each answer: the first slot and how many follow (modulo SLOTS).
 _RANGE = struct.Struct("<II")
+#: A worker's first message is ``_RANGE.pack(_READY, its _CODE_ID)``: no page goes to it
+#: before that (its start-up must not count against :data:`HUNG_AFTER_S`).
+_READY = 0xFFFF_FFFF
 _KINDS = tuple(PageKind)
 #: As globals: looking a member up on the Enum class costs ~80 ns each time.
 _COMPRESSED, _RAW = PageKind.COMPRESSED, PageKind.RAW
@@ -92,6 +100,16 @@ Done = Callable[[list[Encoded] | Exception], None]
 #: ``-P`` the working directory (which may be anyone's) is not on it, and a server run
 #: from a checkout still finds its own package.
 _PACKAGE_PARENT = str(Path(__file__).resolve().parents[1])
+
+
+def _code_id() -> int:
+    """A checksum of the code the server and its workers must share (this module's ring
+    layout, the codec).  A worker started after nbdswap was upgraded on disk runs the
+    new files; the server must not read its ring with the old layout."""
+    return zlib.crc32(Path(__file__).read_bytes() + Path(codec.__file__).read_bytes())
+
+
+_CODE_ID = _code_id()
 _BOOTSTRAP = ("import sys; sys.path.append(sys.argv.pop(1)); "
               "from nbdswap.encoder import main; sys.exit(main(sys.argv[1:]))")
 
@@ -147,11 +165,13 @@ class _Worker:
         self.partial = b""  # the start of an answer the socket cut
         self.owners: deque[tuple[_Job, int]] = deque()  # of the slots in flight, oldest first
         self.last_progress = 0.0  # loop time of its last answer, or of work for an idle worker
+        self.started = 0.0  # loop time
+        self.code_id: int | None = None  # from its ready message (see _READY)
         self.alive = True
 
     @property
     def free(self) -> int:
-        return SLOTS - len(self.owners) if self.alive else 0
+        return SLOTS - len(self.owners) if self.alive and self.code_id == _CODE_ID else 0
 
     def send(self, jobs: list[_Job]) -> None:
         """Copy the pages of ``jobs`` into the ring and ask the worker to encode them."""
@@ -183,6 +203,9 @@ class _Worker:
         self.partial = answers[usable:]
         took = 0
         for first, count in _RANGE.iter_unpack(answers[:usable]):
+            if first == _READY:
+                self.code_id = count
+                continue
             for slot in range(first, first + count):
                 job, index = self.owners.popleft()
                 encoded, nanoseconds = self._result(slot % SLOTS, job.pages[index])
@@ -245,7 +268,7 @@ class EncoderPool:
             worker = self._start(number)
             if worker is not None:
                 self._workers.append(worker)
-        self._restart_after = RESTART_AFTER_S
+        self._restart_after = [RESTART_AFTER_S] * len(self._workers)  # by index in _workers
         self._restarts: dict[int, asyncio.TimerHandle] = {}  # by index in _workers
         self._closing = False
         self._jobs: deque[_Job] = deque()  # every queued job, oldest first
@@ -268,6 +291,11 @@ class EncoderPool:
         return sum(worker.alive for worker in self._workers)
 
     @property
+    def ready_workers(self) -> int:
+        """Workers running that said they are ready for pages (see :data:`_READY`)."""
+        return sum(worker.alive and worker.code_id == _CODE_ID for worker in self._workers)
+
+    @property
     def busy(self) -> bool:
         """Whether writes are queued or held back (see :meth:`queued`, :meth:`pause`)."""
         return bool(self._jobs) or bool(self._paused)
@@ -275,7 +303,7 @@ class EncoderPool:
     def stats(self) -> dict:
         """For ``status`` and the metrics (read from the scrape thread too)."""
         cpu = self._cpu_of_stopped + sum(worker.cpu_seconds() for worker in self._workers if worker.alive)
-        return {"workers": self.workers, "offloading": self.offloading,
+        return {"workers": self.ready_workers, "offloading": self.offloading,
                 "page_encode_us": round(self._estimate_ns / 1000, 2),
                 "pages_offloaded": self.pages_offloaded, "pages_inline": self.pages_inline,
                 "worker_failures": self.worker_failures, "cpu_seconds": round(cpu, 2)}
@@ -345,13 +373,15 @@ class EncoderPool:
         except (OSError, subprocess.SubprocessError) as error:
             log.error("cannot start encoder worker %d: %s", number, error)
             return None
+        worker.started = self._loop.time()
         self._loop.add_reader(worker.socket.fileno(), self._received, worker)
         return worker
 
     def _restart_later(self, index: int) -> None:
         if not self._closing:
-            self._restarts[index] = self._loop.call_later(self._restart_after, self._restart, index)
-            self._restart_after = min(2 * self._restart_after, RESTART_AFTER_MAX_S)
+            delay = self._restart_after[index]
+            self._restarts[index] = self._loop.call_later(delay, self._restart, index)
+            self._restart_after[index] = min(2 * delay, RESTART_AFTER_MAX_S)
 
     def _restart(self, index: int) -> None:
         """Replace the given-up worker at ``index`` (see :data:`RESTART_AFTER_S`)."""
@@ -415,9 +445,12 @@ class EncoderPool:
         if took is None:
             self._give_up(worker, "is gone")
             return
+        if worker.code_id != _CODE_ID and worker.code_id is not None:
+            self._give_up(worker, "runs other code than the server (was nbdswap upgraded on disk?)",
+                          replace=False)
+            return
         if before > len(worker.owners):
             worker.last_progress = self._loop.time()
-            self._restart_after = RESTART_AFTER_S
             self._learn(took, before - len(worker.owners))
         self._deliver()
 
@@ -431,9 +464,10 @@ class EncoderPool:
         if any(worker.alive and worker.owners for worker in self._workers):
             self._watchdog = self._loop.call_later(HUNG_AFTER_S / 2, self._check_workers)
 
-    def _give_up(self, worker: _Worker, reason: str) -> None:
-        """Kill ``worker``, which failed for ``reason``, and encode the pages it held here.
-        It is reaped off the loop: a worker stuck in reclaim may take time to die."""
+    def _give_up(self, worker: _Worker, reason: str, replace: bool = True) -> None:
+        """Kill ``worker``, which failed for ``reason``, and encode the pages it held here;
+        ``replace`` it later (see :data:`RESTART_AFTER_S`).  It is reaped off the loop: a
+        worker stuck in reclaim may take time to die."""
         if not worker.alive:
             return
         self._loop.remove_reader(worker.socket.fileno())
@@ -446,7 +480,11 @@ class EncoderPool:
         self.worker_failures += 1
         log.error("encoder worker %d (pid %d) %s: killed, the server encodes its pages; %d workers left",
                   worker.number, worker.process.pid, reason, self.workers)
-        self._restart_later(self._workers.index(worker))
+        index = self._workers.index(worker)
+        if self._loop.time() - worker.started >= RESTART_AFTER_MAX_S:
+            self._restart_after[index] = RESTART_AFTER_S  # it ran long: not a row of failures
+        if replace:
+            self._restart_later(index)
         for job in pending.values():
             self.pages_offloaded -= self._encode_inline(job)
         self._deliver()
@@ -528,6 +566,7 @@ def main(argv: list[str]) -> int:
     os.close(memfd)
     with socket.socket(fileno=channel_fd) as channel:
         try:
+            channel.sendall(_RANGE.pack(_READY, _CODE_ID))
             _serve_encodings(memory, channel, slots)
         except ConnectionError:
             pass  # the server died

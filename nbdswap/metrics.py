@@ -235,7 +235,7 @@ def _encoder_families(stats: dict) -> Iterator[Metric]:
     pages.add_metric(["worker"], stats["pages_offloaded"])
     pages.add_metric(["server"], stats["pages_inline"])
     yield pages
-    yield GaugeMetricFamily("nbdswap_encoder_workers", "Encoder worker processes running",
+    yield GaugeMetricFamily("nbdswap_encoder_workers", "Encoder worker processes running and ready for pages",
                             value=stats["workers"])
     yield GaugeMetricFamily("nbdswap_encoder_offloading",
                             "1 while written pages are compressed on the encoder workers",

@@ -47,6 +47,22 @@ def encoder_pids(server_pid: int) -> list[int]:
     return pids
 
 
+def ready_encoder_pids(server, workers: int = 1) -> list[int]:
+    """:func:`encoder_pids` once ``workers`` said they are ready: the server sends a
+    worker no page before that, so a test that stops one must wait for it."""
+    deadline = time.monotonic() + 30
+    while server.status()["encoder"]["workers"] < workers and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.status()["encoder"]["workers"] == workers
+    return encoder_pids(server.process.pid)
+
+
+async def _until(condition, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+
+
 def write_and_check_script(path: Path, rounds: int, write: bool = True) -> str:
     """nbdsh: ``rounds`` times, 32-deep random 4 KiB writes of the pages in ``path`` plus
     a 64 KiB write, each 4 KiB block written twice with both writes in flight; then every
@@ -88,6 +104,7 @@ def test_pages_compressed_on_a_worker_are_stored_in_the_order_written_and_surviv
     corpus = tmp_path / "pages"
     corpus.write_bytes(b"".join(pages))
     server = server_factory(extra=ALWAYS_OFFLOAD)
+    ready_encoder_pids(server)
     assert nbdsh(server.uri, write_and_check_script(corpus, rounds=3)).strip() == str(1024 + 48)
     encoder = server.status()["encoder"]
     assert encoder["workers"] == 1 and encoder["worker_failures"] == 0
@@ -124,7 +141,7 @@ def test_a_worker_that_fails_while_holding_pages_loses_no_write(server_factory, 
     corpus = tmp_path / "pages"
     corpus.write_bytes(b"".join(pointer_pages(64, seed=3)))
     server = server_factory(extra=ALWAYS_OFFLOAD)
-    (worker,) = encoder_pids(server.process.pid)
+    (worker,) = ready_encoder_pids(server)
     os.kill(worker, signal.SIGSTOP)
     writer = subprocess.Popen(
         ["nbdsh", "-u", server.uri, "-c", textwrap.dedent(write_and_check_script(corpus, rounds=1))],
@@ -159,7 +176,7 @@ def test_a_trim_sent_after_a_queued_write_of_its_block_lands_after_it(server_fac
     worker (a single request: one loop turn of 8 pages), then a TRIM of its fourth
     block is sent; the TRIM must not complete before the write, nor undo it after."""
     server = server_factory(extra=ALWAYS_OFFLOAD)
-    (worker,) = encoder_pids(server.process.pid)
+    (worker,) = ready_encoder_pids(server)
     pages = pointer_pages(8, seed=5)
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent(f"""
@@ -205,6 +222,7 @@ def test_a_trim_sent_after_a_queued_write_of_its_block_lands_after_it(server_fac
 async def test_the_pool_hands_results_back_in_queue_order_equal_to_inline_encoding(workers):
     pool = EncoderPool(workers, OFFLOAD_ABOVE_US)
     try:
+        await _until(lambda: pool.ready_workers == workers)
         pages = pointer_pages(40, seed=4) + [bytes(4096), b"\x07" * 4096, os.urandom(4096)]
         delivered: list[int] = []
         results: dict[int, list] = {}
@@ -238,6 +256,7 @@ async def test_the_pool_hands_results_back_in_queue_order_equal_to_inline_encodi
 async def test_closing_the_pool_encodes_what_a_stopped_worker_holds():
     pool = EncoderPool(1, OFFLOAD_ABOVE_US)
     (worker,) = pool._workers
+    await _until(lambda: pool.ready_workers)
     os.kill(worker.process.pid, signal.SIGSTOP)
     try:
         pages = pointer_pages(8, seed=6)
@@ -259,6 +278,7 @@ async def test_offloading_stops_only_once_the_queue_is_empty():
     pool = EncoderPool(1, offload_above_us=0)
     (worker,) = pool._workers
     try:
+        await _until(lambda: pool.ready_workers)
         for _ in range(64):  # one sampled write: any time above 0 µs means offload
             pool.observe([bytes(4096)])
         assert pool.offloading
@@ -286,6 +306,7 @@ async def test_offloading_stops_only_once_the_queue_is_empty():
 async def test_an_encoding_error_or_a_failing_callback_stops_one_write_not_the_queue():
     pool = EncoderPool(1, OFFLOAD_ABOVE_US)
     try:
+        await _until(lambda: pool.ready_workers)
         delivered = []
 
         def failing(_):
@@ -310,6 +331,7 @@ async def test_a_request_that_waited_for_the_queue_holds_later_writes_until_it_r
     the second not yet."""
     pool = EncoderPool(1, OFFLOAD_ABOVE_US)
     try:
+        await _until(lambda: pool.ready_workers)
         delivered = []
         page = pointer_pages(1, seed=8)
         pool.encode(page, lambda _: delivered.append("first"))
@@ -324,12 +346,6 @@ async def test_a_request_that_waited_for_the_queue_holds_later_writes_until_it_r
         await pool.close()
 
 
-async def _until(condition, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
-
-
 async def test_a_worker_that_died_is_replaced_and_its_replacement_encodes(monkeypatch):
     monkeypatch.setattr(encoder, "RESTART_AFTER_S", 0.2)
     pool = EncoderPool(1, OFFLOAD_ABOVE_US)
@@ -338,7 +354,7 @@ async def test_a_worker_that_died_is_replaced_and_its_replacement_encodes(monkey
         os.kill(first.process.pid, signal.SIGKILL)
         await _until(lambda: pool.worker_failures)
         assert pool.workers == 0
-        await _until(lambda: pool.workers)
+        await _until(lambda: pool.ready_workers)
         (second,) = pool._workers
         assert second.process.pid != first.process.pid
         pages = pointer_pages(8, seed=9)
@@ -347,24 +363,85 @@ async def test_a_worker_that_died_is_replaced_and_its_replacement_encodes(monkey
         await _until(lambda: results)
         assert [tuple(encoded) for encoded in results[0]] == [tuple(encode(page)) for page in pages]
         assert pool.pages_offloaded == 8 and pool.worker_failures == 1
-        assert pool._restart_after == 0.2  # a replacement that encoded ends the row of failures
     finally:
         await pool.close()
     assert pool.workers == 0
 
 
-async def test_replacements_that_keep_failing_come_ever_later_and_none_after_close(monkeypatch):
+async def test_each_place_backs_off_on_its_own_and_a_long_run_ends_the_row(monkeypatch):
+    """Worker 0 keeps dying while worker 1 encodes: only worker 0's replacements come
+    ever later; one that ran longer than RESTART_AFTER_MAX_S starts the row over."""
     monkeypatch.setattr(encoder, "RESTART_AFTER_S", 0.1)
-    pool = EncoderPool(1, OFFLOAD_ABOVE_US)
+    monkeypatch.setattr(encoder, "RESTART_AFTER_MAX_S", 1.0)
+    pool = EncoderPool(2, OFFLOAD_ABOVE_US)
     try:
-        for failures in range(1, 4):
-            await _until(lambda: pool.workers)
+        for failures in range(1, 5):
+            await _until(lambda: pool.ready_workers == 2, timeout=20)
+            results = []
+            pool.encode(pointer_pages(8, seed=failures), results.append)
+            await _until(lambda: results)
             os.kill(pool._workers[0].process.pid, signal.SIGKILL)
             await _until(lambda: pool.worker_failures == failures)
-            assert pool._restart_after == pytest.approx(0.1 * 2 ** failures)
-        assert pool._restarts  # the third replacement is due in 0.4 s
+            assert pool._restart_after == [min(0.1 * 2 ** failures, 1.0), 0.1]
+        await _until(lambda: pool.ready_workers == 2, timeout=20)
+        await asyncio.sleep(1.0)  # the replacement has now run for longer than 1 s
+        os.kill(pool._workers[0].process.pid, signal.SIGKILL)
+        await _until(lambda: pool.worker_failures == 5)
+        assert pool._restart_after == [0.2, 0.1]
     finally:
         await pool.close()
-    assert not pool._restarts
-    await asyncio.sleep(0.5)
+
+
+async def test_no_replacement_after_close_even_for_a_worker_given_up_by_it(monkeypatch, caplog):
+    monkeypatch.setattr(encoder, "RESTART_AFTER_S", 0.1)
+    pool = EncoderPool(2, OFFLOAD_ABOVE_US)
+    await _until(lambda: pool.ready_workers == 2)
+    os.kill(pool._workers[0].process.pid, signal.SIGKILL)
+    await _until(lambda: pool.worker_failures == 1)
+    assert pool._restarts  # worker 0's replacement is due
+    stopped = pool._workers[1].process.pid
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        pool.encode(pointer_pages(8, seed=10), lambda _: None)
+        await asyncio.sleep(0.05)  # dispatched to the stopped worker
+        await pool.close(timeout=0.2)  # gives it up
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stopped, signal.SIGCONT)
+    assert pool.worker_failures == 2 and not pool._restarts
+    await asyncio.sleep(0.4)
     assert pool.workers == 0
+    assert not [record for record in caplog.records if record.name == "asyncio"]
+
+
+async def test_a_worker_gets_pages_only_once_it_said_it_is_ready(monkeypatch):
+    """Its start-up (slow under memory pressure) must not count as a hang."""
+    monkeypatch.setattr(encoder, "_BOOTSTRAP", "import time; time.sleep(1); " + encoder._BOOTSTRAP)
+    pool = EncoderPool(1, offload_above_us=0)
+    try:
+        for _ in range(64):  # one sampled write: offloading on
+            pool.observe([bytes(4096)])
+        results = []
+        pool.encode(pointer_pages(8, seed=11), results.append)
+        await _until(lambda: results, timeout=0.5)
+        assert results and pool.pages_offloaded == 0 and pool.workers == 1 and not pool.ready_workers
+        await _until(lambda: pool.ready_workers)
+        pool.encode(pointer_pages(8, seed=12), results.append)
+        await _until(lambda: len(results) == 2)
+        assert pool.pages_offloaded == 8 and pool.worker_failures == 0
+    finally:
+        await pool.close()
+
+
+async def test_a_worker_running_other_code_is_given_up_and_not_replaced(monkeypatch):
+    """As after an upgrade on disk: the worker imports the new files; its ring layout
+    may differ from the server's."""
+    monkeypatch.setattr(encoder, "RESTART_AFTER_S", 0.05)
+    monkeypatch.setattr(encoder, "_CODE_ID", encoder._CODE_ID ^ 1)
+    pool = EncoderPool(1, OFFLOAD_ABOVE_US)
+    try:
+        await _until(lambda: pool.worker_failures)
+        await asyncio.sleep(0.2)
+        assert pool.worker_failures == 1 and pool.workers == 0 and not pool._restarts
+    finally:
+        await pool.close()

@@ -18,8 +18,9 @@ The guest's root file system is ramfs (rootfstype=ramfs): it stands for a host's
 disk, whose program files are read back from disk and never go to swap; on tmpfs the
 server's not yet used code could be paged out to the device it serves itself.
 
-The server runs one encoder worker and offloads every write of four pages or more to
-it (the guest has one vCPU, where the default is no worker): the worker, too, must
+The server runs one encoder worker and offloads to it every loop turn that brings 4
+pages or more while its ring has room (the guest has one vCPU, where the default is no
+worker): the worker, too, must
 stay resident and keep encoding while the machine swaps to its server.
 
 Fails on a hog failure, any guest I/O error, oops or OOM kill, too little swap-out,
@@ -56,7 +57,7 @@ DISK_MIB = 1024
 RAM_MAX = "8M"
 DISK_MAX = "768M"
 VM_TIMEOUT_S = 45 * 60
-#: Every write of MIN_OFFLOAD pages or more goes to the worker, whatever its pages cost.
+#: Every loop turn of MIN_OFFLOAD pages or more goes to the worker, whatever its pages cost.
 ENCODER_ARGS = "e2e.encoder_workers=1 e2e.encoder_offload_above=0"
 #: PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE: what PR_SET_IO_FLUSHER sets on a thread.
 IO_FLUSHER_FLAGS = 0x80000 | 0x100000
