@@ -46,7 +46,7 @@ from pathlib import Path
 from time import perf_counter_ns
 from typing import Callable
 
-from . import codec
+from . import __version__, codec
 from .codec import PAGE_SIZE, Encoded, PageKind, encode
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,8 @@ _SAMPLE_EVERY = 64
 #: A worker holding pages that has not answered for this long is given up (killed; the
 #: server encodes its pages): it encodes 256 pages in about 5 ms.
 HUNG_AFTER_S = 2.0
+#: A worker that has not said it is ready this long after its start is given up.
+READY_WITHIN_S = 60.0
 #: A given-up worker is replaced after this long; after twice as long each time the
 #: worker in its place fails within :data:`RESTART_AFTER_MAX_S` of its start, and so on up
 #: to that.  Each place backs off on its own.
@@ -105,8 +107,14 @@ _PACKAGE_PARENT = str(Path(__file__).resolve().parents[1])
 def _code_id() -> int:
     """A checksum of the code the server and its workers must share (this module's ring
     layout, the codec).  A worker started after nbdswap was upgraded on disk runs the
-    new files; the server must not read its ring with the old layout."""
-    return zlib.crc32(Path(__file__).read_bytes() + Path(codec.__file__).read_bytes())
+    new files; the server must not read its ring with the old layout.  Read through the
+    modules' loaders (a zip install has no files); without them, of the version."""
+    try:
+        return zlib.crc32(__loader__.get_data(__file__) + codec.__loader__.get_data(codec.__file__))
+    except (OSError, AttributeError, TypeError) as error:
+        logging.getLogger(__name__).warning(
+            "cannot read the encoder's code (%s): workers are checked by version only", error)
+        return zlib.crc32(__version__.encode())
 
 
 _CODE_ID = _code_id()
@@ -206,6 +214,8 @@ class _Worker:
             if first == _READY:
                 self.code_id = count
                 continue
+            if self.code_id is None or count > len(self.owners):
+                raise ValueError(f"an answer for slots {first}+{count} it was not sent")
             for slot in range(first, first + count):
                 job, index = self.owners.popleft()
                 encoded, nanoseconds = self._result(slot % SLOTS, job.pages[index])
@@ -264,6 +274,7 @@ class EncoderPool:
         self._loop = asyncio.get_running_loop()
         self._offload_above_ns = offload_above_us * 1000
         self._workers: list[_Worker] = []
+        self._watchdog: asyncio.TimerHandle | None = None
         for number in range(workers):
             worker = self._start(number)
             if worker is not None:
@@ -278,7 +289,6 @@ class EncoderPool:
         self._estimate_ns = 0.0  # of encoding one page, here or on a worker
         self._until_sample = 1
         self._paused = 0  # holds of the deliveries (see pause())
-        self._watchdog: asyncio.TimerHandle | None = None
         #: Whether writes should go through :meth:`encode`: pages are dear to encode and
         #: a worker runs, or queued jobs must keep their place ahead of later writes.
         self.offloading = False
@@ -362,10 +372,10 @@ class EncoderPool:
         (:meth:`_deliver` stops it)."""
         sample = min(nanoseconds / pages, _SAMPLE_LIMIT_NS)
         self._estimate_ns += min(1.0, pages * stands_for / _ESTIMATE_PAGES) * (sample - self._estimate_ns)
-        if self._estimate_ns > self._offload_above_ns and not self.offloading and self.workers:
+        if self._estimate_ns > self._offload_above_ns and not self.offloading and self.ready_workers:
             self.offloading = True
             log.info("pages take %.1f µs to encode: encoding them on %d worker processes",
-                     self._estimate_ns / 1000, self.workers)
+                     self._estimate_ns / 1000, self.ready_workers)
 
     def _start(self, number: int) -> _Worker | None:
         try:
@@ -375,7 +385,12 @@ class EncoderPool:
             return None
         worker.started = self._loop.time()
         self._loop.add_reader(worker.socket.fileno(), self._received, worker)
+        self._arm_watchdog()
         return worker
+
+    def _arm_watchdog(self) -> None:
+        if self._watchdog is None:
+            self._watchdog = self._loop.call_later(HUNG_AFTER_S, self._check_workers)
 
     def _restart_later(self, index: int) -> None:
         if not self._closing:
@@ -412,8 +427,7 @@ class EncoderPool:
         except OSError as error:
             self._give_up(worker, f"cannot be sent pages: {error}")  # these included
             return
-        if self._watchdog is None:
-            self._watchdog = self._loop.call_later(HUNG_AFTER_S, self._check_workers)
+        self._arm_watchdog()
 
     def _worker_for(self, pages: int) -> _Worker | None:
         """The next worker in turn with room for ``pages``."""
@@ -441,13 +455,17 @@ class EncoderPool:
 
     def _received(self, worker: _Worker) -> None:
         before = len(worker.owners)
-        took = worker.receive()
+        try:
+            took = worker.receive()
+        except ValueError as error:
+            self._give_up(worker, f"broke the protocol ({error}): it runs other code?", replace=False)
+            return
         if took is None:
             self._give_up(worker, "is gone")
             return
         if worker.code_id != _CODE_ID and worker.code_id is not None:
-            self._give_up(worker, "runs other code than the server (was nbdswap upgraded on disk?)",
-                          replace=False)
+            self._give_up(worker, "runs other code than the server (nbdswap upgraded on disk, "
+                                  "or another nbdswap first on its path?)", replace=False)
             return
         if before > len(worker.owners):
             worker.last_progress = self._loop.time()
@@ -455,13 +473,16 @@ class EncoderPool:
         self._deliver()
 
     def _check_workers(self) -> None:
-        """Give up a worker that holds pages without answering (stopped, or stuck)."""
+        """Give up a worker that holds pages without answering (stopped, or stuck), or
+        that did not get ready (:data:`READY_WITHIN_S`)."""
         self._watchdog = None
         now = self._loop.time()
         for worker in self._workers:
             if worker.alive and worker.owners and now - worker.last_progress > HUNG_AFTER_S:
                 self._give_up(worker, f"has not answered for {now - worker.last_progress:.1f} s")
-        if any(worker.alive and worker.owners for worker in self._workers):
+            elif worker.alive and worker.code_id is None and now - worker.started > READY_WITHIN_S:
+                self._give_up(worker, f"did not get ready in {READY_WITHIN_S:g} s")
+        if any(worker.alive and (worker.owners or worker.code_id is None) for worker in self._workers):
             self._watchdog = self._loop.call_later(HUNG_AFTER_S / 2, self._check_workers)
 
     def _give_up(self, worker: _Worker, reason: str, replace: bool = True) -> None:
@@ -478,13 +499,18 @@ class EncoderPool:
         worker.process.kill()
         self._loop.run_in_executor(None, worker.wait)
         self.worker_failures += 1
-        log.error("encoder worker %d (pid %d) %s: killed, the server encodes its pages; %d workers left",
-                  worker.number, worker.process.pid, reason, self.workers)
         index = self._workers.index(worker)
         if self._loop.time() - worker.started >= RESTART_AFTER_MAX_S:
             self._restart_after[index] = RESTART_AFTER_S  # it ran long: not a row of failures
-        if replace:
+        if not replace:
+            then = "not replaced until the server restarts"
+        elif self._closing:
+            then = "not replaced: the encoder is closing"
+        else:
+            then = f"replaced in {self._restart_after[index]:g} s"
             self._restart_later(index)
+        log.error("encoder worker %d (pid %d) %s: killed, the server encodes its pages; %s; %d workers left",
+                  worker.number, worker.process.pid, reason, then, self.workers)
         for job in pending.values():
             self.pages_offloaded -= self._encode_inline(job)
         self._deliver()
@@ -500,7 +526,7 @@ class EncoderPool:
             except Exception:  # noqa: BLE001 - one write's failure must not stall the rest
                 log.exception("handing an encoded write over failed")
         if (not jobs and self.offloading and not self._paused
-                and (self._estimate_ns < INLINE_BELOW_SHARE * self._offload_above_ns or not self.workers)):
+                and (self._estimate_ns < INLINE_BELOW_SHARE * self._offload_above_ns or not self.ready_workers)):
             self.offloading = False
             log.info("pages take %.1f µs to encode: encoding them in the server",
                      self._estimate_ns / 1000)
@@ -524,6 +550,8 @@ class EncoderPool:
                 self._loop.remove_reader(worker.socket.fileno())
                 self._cpu_of_stopped += worker.cpu_seconds()
                 worker.detach()
+                if worker.code_id is None:  # still starting: it would finish that first
+                    worker.process.kill()
                 await asyncio.to_thread(worker.wait)
 
 
