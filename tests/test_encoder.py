@@ -137,7 +137,7 @@ def test_cheap_pages_are_compressed_in_the_server(server_factory):
 def test_a_worker_that_fails_while_holding_pages_loses_no_write(server_factory, tmp_path, fate):
     """The worker is stopped and takes pages, then is killed, or stays stopped until the
     server gives up on it: the server encodes them itself, every write is acknowledged
-    and reads back, and it says what happened."""
+    and reads back, it says what happened, and a new worker takes the place."""
     corpus = tmp_path / "pages"
     corpus.write_bytes(b"".join(pointer_pages(64, seed=3)))
     server = server_factory(extra=ALWAYS_OFFLOAD)
@@ -164,10 +164,12 @@ def test_a_worker_that_fails_while_holding_pages_loses_no_write(server_factory, 
     log = wait_for_log(server, "encoder worker 0")
     if fate == "hung":
         assert "has not answered for" in log
-    encoder = server.status()["encoder"]
-    assert encoder["worker_failures"] == 1 and encoder["workers"] == 0
-    assert not encoder["offloading"] and encoder["pages_inline"] > 0
+    assert "the server encodes its pages; replaced in 5 s" in log
+    encoder = server.status()["encoder"]  # a replacement may be running by now
+    assert encoder["worker_failures"] == 1 and encoder["pages_inline"] > 0
     assert not Path(f"/proc/{worker}").exists()
+    (replacement,) = ready_encoder_pids(server)  # 5 s after the failure
+    assert replacement != worker
 
 
 def test_a_trim_sent_after_a_queued_write_of_its_block_lands_after_it(server_factory, tmp_path):
