@@ -174,12 +174,12 @@ class _Worker:
         self.owners: deque[tuple[_Job, int]] = deque()  # of the slots in flight, oldest first
         self.last_progress = 0.0  # loop time of its last answer, or of work for an idle worker
         self.started = 0.0  # loop time
-        self.code_id: int | None = None  # from its ready message (see _READY)
+        self.ready = False  # it sent its ready message with the server's code (see _READY)
         self.alive = True
 
     @property
     def free(self) -> int:
-        return SLOTS - len(self.owners) if self.alive and self.code_id == _CODE_ID else 0
+        return SLOTS - len(self.owners) if self.ready and self.alive else 0
 
     def send(self, jobs: list[_Job]) -> None:
         """Copy the pages of ``jobs`` into the ring and ask the worker to encode them."""
@@ -212,10 +212,13 @@ class _Worker:
         took = 0
         for first, count in _RANGE.iter_unpack(answers[:usable]):
             if first == _READY:
-                self.code_id = count
+                if count != _CODE_ID:
+                    raise ValueError("it runs other code than the server (nbdswap upgraded on disk, "
+                                     "or another nbdswap first on its path?)")
+                self.ready = True
                 continue
-            if self.code_id is None or count > len(self.owners):
-                raise ValueError(f"an answer for slots {first}+{count} it was not sent")
+            if not self.ready or count > len(self.owners):
+                raise ValueError(f"it answered for slots {first}+{count} it was not sent: other code?")
             for slot in range(first, first + count):
                 job, index = self.owners.popleft()
                 encoded, nanoseconds = self._result(slot % SLOTS, job.pages[index])
@@ -303,7 +306,7 @@ class EncoderPool:
     @property
     def ready_workers(self) -> int:
         """Workers running that said they are ready for pages (see :data:`_READY`)."""
-        return sum(worker.alive and worker.code_id == _CODE_ID for worker in self._workers)
+        return sum(worker.alive and worker.ready for worker in self._workers)
 
     @property
     def busy(self) -> bool:
@@ -458,14 +461,10 @@ class EncoderPool:
         try:
             took = worker.receive()
         except ValueError as error:
-            self._give_up(worker, f"broke the protocol ({error}): it runs other code?", replace=False)
+            self._give_up(worker, f"broke the protocol: {error}", replace=False)
             return
         if took is None:
             self._give_up(worker, "is gone")
-            return
-        if worker.code_id != _CODE_ID and worker.code_id is not None:
-            self._give_up(worker, "runs other code than the server (nbdswap upgraded on disk, "
-                                  "or another nbdswap first on its path?)", replace=False)
             return
         if before > len(worker.owners):
             worker.last_progress = self._loop.time()
@@ -480,9 +479,9 @@ class EncoderPool:
         for worker in self._workers:
             if worker.alive and worker.owners and now - worker.last_progress > HUNG_AFTER_S:
                 self._give_up(worker, f"has not answered for {now - worker.last_progress:.1f} s")
-            elif worker.alive and worker.code_id is None and now - worker.started > READY_WITHIN_S:
+            elif worker.alive and not worker.ready and now - worker.started > READY_WITHIN_S:
                 self._give_up(worker, f"did not get ready in {READY_WITHIN_S:g} s")
-        if any(worker.alive and (worker.owners or worker.code_id is None) for worker in self._workers):
+        if any(worker.alive and (worker.owners or not worker.ready) for worker in self._workers):
             self._watchdog = self._loop.call_later(HUNG_AFTER_S / 2, self._check_workers)
 
     def _give_up(self, worker: _Worker, reason: str, replace: bool = True) -> None:
@@ -550,7 +549,7 @@ class EncoderPool:
                 self._loop.remove_reader(worker.socket.fileno())
                 self._cpu_of_stopped += worker.cpu_seconds()
                 worker.detach()
-                if worker.code_id is None:  # still starting: it would finish that first
+                if not worker.ready:  # still starting: it would finish that first
                     worker.process.kill()
                 await asyncio.to_thread(worker.wait)
 
