@@ -129,6 +129,14 @@ def encode(page: bytes) -> Encoded:
     return _new_tuple(Encoded, (_COMPRESSED, compressed, 0, checksum(page)))
 
 
+def split_pages(data: bytes) -> list[bytes]:
+    """The ``PAGE_SIZE`` pages of ``data`` (a whole number of them); a single page is
+    not copied."""
+    if len(data) == PAGE_SIZE:
+        return [data]
+    return [data[start : start + PAGE_SIZE] for start in range(0, len(data), PAGE_SIZE)]
+
+
 def same_filled_page(word: int) -> bytes:
     return word.to_bytes(WORD_SIZE, "little") * WORDS_PER_PAGE
 

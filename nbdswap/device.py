@@ -14,6 +14,7 @@ from collections import Counter
 from time import perf_counter_ns
 from typing import TYPE_CHECKING, Callable, Coroutine
 
+from .codec import split_pages
 from .errors import CorruptBlockError, NoSpaceError, StoreError
 from .metrics import RequestStats
 from .protocol import BASE_ALLOCATION_CONTEXT_ID, Command, CommandFlag, Errno, Export, Request
@@ -50,12 +51,6 @@ _READ, _WRITE = Command.READ, Command.WRITE
 #: Tested on every write instead of the ``Request.fua`` property (whose call cost 0.7k
 #: instructions a write, callgrind).
 _FUA = int(CommandFlag.FUA)
-
-
-def _pages(data: bytes) -> list[bytes]:
-    if len(data) == BLOCK_SIZE:
-        return [data]
-    return [data[start : start + BLOCK_SIZE] for start in range(0, len(data), BLOCK_SIZE)]
 
 
 class BlockDevice:
@@ -132,11 +127,11 @@ class BlockDevice:
         started = perf_counter_ns()
         encoder, encoded = self.encoder, None
         if encoder is not None and not (request.offset | request.length) % BLOCK_SIZE:
-            pages = _pages(request.data)
             if encoder.offloading:
-                encoder.encode(pages, lambda encoded: self._place_offloaded(request, connection, done, started, encoded))
+                encoder.encode(split_pages(request.data),
+                               lambda encoded: self._place_offloaded(request, connection, done, started, encoded))
                 return None
-            encoded = encoder.observe(pages)
+            encoded = encoder.observe(request.data)
         try:
             if encoded is None:
                 batch = self.store.write_now(request.offset, request.data)

@@ -47,7 +47,7 @@ from time import perf_counter_ns
 from typing import Callable
 
 from . import __version__, codec
-from .codec import PAGE_SIZE, Encoded, PageKind, encode
+from .codec import PAGE_SIZE, Encoded, PageKind, encode, split_pages
 
 log = logging.getLogger(__name__)
 
@@ -321,16 +321,17 @@ class EncoderPool:
                 "pages_offloaded": self.pages_offloaded, "pages_inline": self.pages_inline,
                 "worker_failures": self.worker_failures, "cpu_seconds": round(cpu, 2)}
 
-    def observe(self, pages: list[bytes]) -> list[Encoded] | None:
-        """Count a write the server encodes itself; one write in :data:`_SAMPLE_EVERY`,
-        encode its pages here, timed for the choice of :attr:`offloading`, and return
-        them (otherwise ``None``: the store encodes them, untimed; timing every write
-        cost fio's writes 5 %)."""
-        self.pages_inline += len(pages)
+    def observe(self, data: bytes) -> list[Encoded] | None:
+        """Count a write (whole pages) the server encodes itself; one write in
+        :data:`_SAMPLE_EVERY`, encode its pages here, timed for the choice of
+        :attr:`offloading`, and return them (otherwise ``None``: the store encodes them,
+        untimed; timing every write cost fio's writes 5 %)."""
+        self.pages_inline += len(data) // PAGE_SIZE
         self._until_sample -= 1
         if self._until_sample:
             return None
         self._until_sample = _SAMPLE_EVERY
+        pages = split_pages(data)
         started = perf_counter_ns()
         encoded = [encode(page) for page in pages]
         self._learn(perf_counter_ns() - started, len(pages), _SAMPLE_EVERY)

@@ -100,6 +100,7 @@ from .codec import (
     encode,
     encode_group,
     same_filled_page,
+    split_pages,
 )
 from .config import RemoteSettings
 from .errors import CorruptBlockError, NoSpaceError, StateDirError, StoreError, TierUnavailableError
@@ -403,7 +404,7 @@ class Store:
         if len(data) == BLOCK_SIZE:
             return self._write_block_now(offset // BLOCK_SIZE, encode(data))
         return self.write_encoded_now(
-            offset, [encode(data[i : i + BLOCK_SIZE]) for i in range(0, len(data), BLOCK_SIZE)])
+            offset, [encode(page) for page in split_pages(data)])
 
     def write_encoded_now(self, offset: int, pages: list[Encoded]) -> _Batch | None:
         """:meth:`write_now` of whole blocks from ``offset`` whose pages were encoded

@@ -282,7 +282,7 @@ async def test_offloading_stops_only_once_the_queue_is_empty():
     try:
         await _until(lambda: pool.ready_workers)
         for _ in range(64):  # one sampled write: any time above 0 µs means offload
-            pool.observe([bytes(4096)])
+            pool.observe(bytes(4096))
         assert pool.offloading
         pool._offload_above_ns = 1e9  # from now on every page is cheap
         os.kill(worker.process.pid, signal.SIGSTOP)
@@ -421,7 +421,7 @@ async def test_a_worker_gets_pages_only_once_it_said_it_is_ready(monkeypatch):
     pool = EncoderPool(1, offload_above_us=0)
     try:
         for _ in range(64):  # one sampled write: offloading on
-            pool.observe([bytes(4096)])
+            pool.observe(bytes(4096))
         results = []
         pool.encode(pointer_pages(8, seed=11), results.append)
         await _until(lambda: results, timeout=0.5)
