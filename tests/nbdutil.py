@@ -162,6 +162,14 @@ def remove_ram_arena(state_dir: Path) -> None:
     arena_path(state_dir).unlink(missing_ok=True)
 
 
+def wait_until(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
 def wait_for_log(server: ServerProcess, text: str, timeout: float = 10) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -17,7 +17,7 @@ import pytest
 from nbdswap.codec import encode
 from nbdswap import encoder
 from nbdswap.encoder import OFFLOAD_ABOVE_US, EncoderPool
-from nbdutil import mixed_data, nbdsh, wait_for_log
+from nbdutil import mixed_data, nbdsh, wait_for_log, wait_until
 
 ALWAYS_OFFLOAD = ("--encoder-workers", "1", "--encoder-offload-above", "0")
 
@@ -50,10 +50,7 @@ def encoder_pids(server_pid: int) -> list[int]:
 def ready_encoder_pids(server, workers: int = 1) -> list[int]:
     """:func:`encoder_pids` once ``workers`` said they are ready: the server sends a
     worker no page before that, so a test that stops one must wait for it."""
-    deadline = time.monotonic() + 30
-    while server.status()["encoder"]["workers"] < workers and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.status()["encoder"]["workers"] == workers
+    wait_until(lambda: server.status()["encoder"]["workers"] == workers, f"{workers} ready encoder workers", 30)
     return encoder_pids(server.process.pid)
 
 

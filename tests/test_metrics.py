@@ -30,7 +30,7 @@ from nbdswap.status_view import render_status
 from nbdswap.store import BLOCK_SIZE, Store
 from nbdswap.tiers.slab import SLAB_SIZE
 from nbdutil import (SYSTEM_PATH, free_port, mixed_data, nbdsh, nbdswap_command, remove_ram_arena, run_client,
-                     ServerProcess)
+                     ServerProcess, wait_until)
 from redisutil import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,14 +56,6 @@ def http_get(url: str, params: dict | None = None) -> bytes:
         url += "?" + urllib.parse.urlencode(params)
     with urllib.request.urlopen(url, timeout=30) as response:
         return response.read()
-
-
-def wait_until(condition, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 class PrometheusProcess:
