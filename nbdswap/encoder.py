@@ -3,30 +3,32 @@
 The server is one event-loop thread, and on real memory zstd is a large part of a
 write's CPU (in one process, 5.0-7.8 µs a page at :data:`codec.WRITE_LEVEL` against
 8.4-10.9 at level 1, which the server used before; profiled in the server at level 1,
-15-17 µs of about 36 µs).  Threads cannot take that work off
-the loop (the GIL: tried and dropped, bench/RESULTS.md); processes can.  The loop copies
-each page into memory it shares with a worker, the worker runs :func:`codec.encode` and
-writes the result next to the page, answering every :data:`ANSWER_PAGES` pages so that
-the loop places those while it goes on, and the loop places the encoded pages in the
-order the writes arrived, so two in-flight writes of one block land as they were sent.
+15-17 µs of about 36 µs). Threads cannot take that work off the loop (the GIL: tried and
+dropped, bench/RESULTS.md); processes can. The loop copies each page into memory it
+shares with a worker, the worker runs :func:`codec.encode` and writes the result next to
+the page, answering every :data:`ANSWER_PAGES` pages so that the loop places those while
+it goes on, and the loop places the encoded pages in the order the writes arrived, so
+two in-flight writes of one block land as they were sent.
 
 Offloading costs the loop CPU too: 3 µs a page in a bare prototype (the copy, the
 bookkeeping, the wake-ups), about 12 µs in the server (smaller commit batches, more loop
-turns; bench/RESULTS.md), and the client some latency, so it is only done while it pays: :class:`EncoderPool`
-keeps an estimate of what encoding a page takes and offloads while that is above a
-threshold (12 µs by default; at level 1 fio's 75 %-compressible buffers took 6.5 µs on
-average in the loop, with a tenth of them above 11.5 µs, and real memory 15-18 µs; at
-level -1 both mostly stay below it, and offloading them no longer paid on this 2-core
-machine, bench/RESULTS.md).  A loop turn with fewer than :data:`MIN_OFFLOAD` pages and a full ring mean
-inline encoding; a worker that dies, or holds pages without answering for
-:data:`HUNG_AFTER_S`, is given up and the server encodes its pages itself, and a new one
-takes its place after :data:`RESTART_AFTER_S`.  A worker gets pages only once it said it
-is ready (:data:`_READY`), with a checksum of its code that must be the server's.
+turns; bench/RESULTS.md), and the client some latency, so it is only done while it pays:
+:class:`EncoderPool` keeps an estimate of what encoding a page takes and offloads while
+that is above a threshold (12 µs by default; at level 1 fio's 75 %-compressible buffers
+took 6.5 µs on average in the loop, with a tenth of them above 11.5 µs, and real memory
+15-18 µs; at level -1 both mostly stay below it, and offloading them no longer paid on
+this 2-core machine, bench/RESULTS.md). A loop turn with fewer than :data:`MIN_OFFLOAD`
+pages and a full ring mean inline encoding; a worker that dies, or holds pages without
+answering for :data:`HUNG_AFTER_S`, is given up and the server encodes its pages itself,
+and a new one takes its place after :data:`RESTART_AFTER_S`. A worker gets pages only
+once it said it is ready (:data:`_READY`), with a checksum of its code that must be the
+server's.
 
 The worker (a Python process running :func:`main` with the ring's memfd, its socket and
-the ring's size) stays resident like the server (locked memory, I/O flusher, no OOM kill): it is on the swap-out path.  It
-ignores SIGINT and SIGTERM, which a terminal or systemd sends the whole group: it
-exits when the server closes its socket, after the server's last write is encoded.
+the ring's size) stays resident like the server (locked memory, I/O flusher, no OOM
+kill): it is on the swap-out path. It ignores SIGINT and SIGTERM, which a terminal or
+systemd sends the whole group: it exits when the server closes its socket, after the
+server's last write is encoded.
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ server's not yet used code could be paged out to the device it serves itself.
 
 The server runs one encoder worker and offloads to it every loop turn that brings 4
 pages or more while its ring has room (the guest has one vCPU, where the default is no
-worker): the worker, too, must
-stay resident and keep encoding while the machine swaps to its server.
+worker): the worker, too, must stay resident and keep encoding while the machine swaps
+to its server.
 
 Fails on a hog failure, any guest I/O error, oops or OOM kill, too little swap-out,
 a server, encoder worker or client with swapped-out pages, without oom_score_adj
