@@ -16,8 +16,9 @@ turns; bench/RESULTS.md), and the client some latency, so it is only done while 
 :class:`EncoderPool` keeps an estimate of what encoding a page takes and offloads while
 that is above a threshold (12 µs by default; at level 1 fio's 75 %-compressible buffers
 took 6.5 µs on average in the loop, with a tenth of them above 11.5 µs, and real memory
-15-18 µs; at level -1 both mostly stay below it, and offloading them no longer paid on
-this 2-core machine, bench/RESULTS.md). A loop turn with fewer than :data:`MIN_OFFLOAD`
+15-18 µs; at level -1 fio's stay below it and about half of one real-memory corpus
+went above it, and offloading all real memory no longer paid on this 2-core machine,
+bench/RESULTS.md). A loop turn with fewer than :data:`MIN_OFFLOAD`
 pages and a full ring mean inline encoding; a worker that dies, or holds pages without
 answering for :data:`HUNG_AFTER_S`, is given up and the server encodes its pages itself,
 and a new one takes its place after :data:`RESTART_AFTER_S`. A worker gets pages only
