@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import struct
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Container, Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -298,15 +298,23 @@ class BlockMap:
             self._reader = None
 
     def commit(self, changes: Mapping[int, Entry | None],
-               backing: Mapping[int, Entry | None] | None = None) -> None:
-        """Write all ``changes`` and ``backing`` changes (``None`` deletes) in one transaction."""
+               backing: Mapping[int, Entry | None] | None = None,
+               unread: Container[int] = ()) -> dict[int, Entry | None]:
+        """Write all ``changes`` and ``backing`` changes (``None`` deletes) in one
+        transaction; returns the entries it replaced of the blocks in ``unread``.
+
+        The commit reads each changed group anyway, so a writer that did not look up
+        a block's old entry before staging its new one learns it here, without a
+        lookup of its own (one per written block was 5–6 % of a RAM write, py-spy).
+        """
         try:
             with self._env.begin(write=True) as txn:
-                _apply(txn, self._blocks, changes)
+                replaced = _apply(txn, self._blocks, changes, unread)
                 if backing:
                     _apply(txn, self._backing, backing)
         finally:
             self._end_reading()
+        return replaced
 
     def items(self, first: int = 0, last: int | None = None) -> Iterator[tuple[int, Entry]]:
         """Entries of blocks ``first..last`` (inclusive) in block order.
@@ -419,24 +427,31 @@ def _pack_group(records: Mapping[int, bytes]) -> bytes:
     return _BITMAP.pack(bitmap) + b"".join(records[slot] for slot in sorted(records))
 
 
-def _apply(txn: lmdb.Transaction, db, changes: Mapping[int, Entry | None]) -> None:
+def _apply(txn: lmdb.Transaction, db, changes: Mapping[int, Entry | None],
+           unread: Container[int] = ()) -> dict[int, Entry | None]:
     """Apply block changes to the groups they fall in, one read and one write per group
     (through a cursor of ``db``, whose get and put take positional arguments: py-lmdb
-    parses keyword arguments slowly; 2.9k instructions of a RAM write, callgrind)."""
+    parses keyword arguments slowly; 2.9k instructions of a RAM write, callgrind).
+    Returns the entries replaced of the blocks in ``unread``."""
     by_group: dict[int, list[tuple[int, Entry | None]]] = {}
     for block, entry in changes.items():
         by_group.setdefault(block >> GROUP_BITS, []).append((block & _SLOT_MASK, entry))
     cursor = txn.cursor(db)
+    replaced: dict[int, Entry | None] = {}
     for group in sorted(by_group):
         group_key = key(group)
         value = cursor.get(group_key)
         edited = value or _EMPTY_GROUP
         for slot, entry in by_group[group]:
+            block = group << GROUP_BITS | slot
+            if block in unread:
+                replaced[block] = _entry_in(value, slot)
             edited = _with_record(edited, slot, None if entry is None else entry.pack())
         if edited != _EMPTY_GROUP:
             cursor.put(group_key, edited)
         elif value is not None:
             cursor.delete()
+    return replaced
 
 
 _EMPTY_GROUP = _BITMAP.pack(0)

@@ -17,7 +17,9 @@ through :meth:`Store.when_committed`.
 
 Staging is compare-and-swap where it matters: a partial-block write (read-modify-write)
 and a move stage only if the block still has the entry they started from; a
-read-modify-write retries, a move gives up.  Whole-block writes stage unconditionally.
+read-modify-write retries, a move gives up.  Whole-block writes stage unconditionally,
+and without looking up the entry they replace: the commit, which reads the block's map
+group anyway, returns it, and only then is it counted out and its slot freed.
 
 Durability, per part:
 
@@ -160,12 +162,15 @@ SlowReadObserver = Callable[[int, int], None]
 class _Batch:
     """Map changes staged since the last commit, and who waits for them."""
 
-    __slots__ = ("changes", "base", "backing", "backing_base", "replaced", "waiters", "callbacks",
-                 "done", "error")
+    __slots__ = ("changes", "base", "unread", "backing", "backing_base", "replaced", "waiters",
+                 "callbacks", "done", "error")
 
     def __init__(self) -> None:
         self.changes: dict[int, Entry | None] = {}
         self.base: dict[int, Entry | None] = {}  # the committed entry of each changed block
+        #: Blocks staged without their committed entry (see Store._stage): the entry
+        #: their first staging put; the commit returns the committed one.
+        self.unread: dict[int, Entry | None] = {}
         self.backing: dict[int, Entry | None] = {}  # clean-copy changes
         self.backing_base: dict[int, Entry | None] = {}
         self.replaced: list[tuple[int, Entry]] = []  # stored entries to free after the commit
@@ -1124,8 +1129,28 @@ class Store:
     # --- staging and grouped commits ----------------------------------------------
 
     def _stage(self, block: int, entry: Entry | None) -> _Batch:
-        """Stage ``entry`` as the block's new entry; returns the batch to wait for."""
-        return self._replace(block, self._current(block), entry)
+        """Stage ``entry`` as the block's new entry; returns the batch to wait for.
+
+        A block this batch has not changed yet is staged without looking up its
+        committed entry: the commit reads the block's group anyway and returns it (see
+        :meth:`_count_out_unread`).  Writes need the old entry only to free its slot
+        and count it out, both after the commit; reads and moves see the staged one.
+        """
+        batch = self._batch
+        if batch is not None and block in batch.changes:
+            return self._replace(block, batch.changes[block], entry)
+        if batch is None:
+            batch = self._batch = _Batch()
+            asyncio.get_running_loop().call_soon(self._commit)
+        old_backing = self._current_backing(block)
+        batch.unread[block] = entry
+        batch.changes[block] = entry
+        self.block_tiers[block] = TIER_NONE if entry is None else entry.tier
+        self._hold(block, entry)
+        if old_backing is not None:
+            self._replace_backing(batch, block, old_backing, entry, None)
+        self._count(entry, 1)
+        return batch
 
     def _stage_if(self, block: int, expected: Entry | None, entry: Entry | None, *,
                   expected_backing: Entry | None = None, backing: Entry | None = None) -> _Batch | None:
@@ -1147,7 +1172,8 @@ class Store:
             batch = self._batch = _Batch()
             asyncio.get_running_loop().call_soon(self._commit)
         old_backing = self._current_backing(block)
-        batch.base.setdefault(block, old)
+        if block not in batch.unread:
+            batch.base.setdefault(block, old)
         batch.changes[block] = entry
         self.block_tiers[block] = TIER_NONE if entry is None else entry.tier
         if _frees(old, entry, backing):
@@ -1174,20 +1200,44 @@ class Store:
         """Write the staged batch in one transaction, then free what it replaced."""
         batch, self._batch = self._batch, None
         try:
-            if batch.backing:
-                self._map.commit(batch.changes, batch.backing)
-            else:
-                self._map.commit(batch.changes)
-        except (lmdb.Error, OSError) as error:
+            committed = self._map.commit(batch.changes, batch.backing, batch.unread)
+        except Exception as error:  # noqa: BLE001 - the writers get an error, never a hang
+            self._count_out_unread(batch, self._committed_entries(batch.unread))
             self._roll_back(batch)
-            log.error("block map commit failed: %s", error)
+            log.error("block map commit failed: %s", error,
+                      exc_info=not isinstance(error, (lmdb.Error, OSError)))
             batch.finish(f"block map commit failed: {error}")
             return
+        self._count_out_unread(batch, committed)
         for block, backing in batch.backing.items():
             self._may_have_backing[block] = backing is not None
         for _, entry in batch.replaced:
             self._free_slot(entry)
         batch.finish(None)
+
+    def _count_out_unread(self, batch: _Batch, committed: dict[int, Entry | None]) -> None:
+        """What :meth:`_replace` does with a block's old entry, for the blocks
+        :meth:`_stage` staged without it, once ``committed`` tells it: the entry becomes
+        the block's base, is counted out, and its slot is queued to be freed."""
+        for block, staged in batch.unread.items():
+            old = committed.get(block)
+            batch.base[block] = old
+            self._count(old, -1)
+            if _frees(old, staged, None):
+                batch.replaced.append((block, old))
+
+    def _committed_entries(self, blocks: Iterable[int]) -> dict[int, Entry | None]:
+        """The committed entries of ``blocks``, after a commit that failed (and so left
+        the map as it was).  A block whose entry cannot be read either is left out: its
+        counts and slot stay as they are, which is right, as the map still points at
+        it; only its :attr:`block_tiers` byte is wrong until a restart."""
+        committed = {}
+        for block in blocks:
+            try:
+                committed[block] = self._map.get(block)
+            except lmdb.Error as error:
+                log.error("block %d: its entry could not be read to undo the failed commit: %s", block, error)
+        return committed
 
     def _roll_back(self, batch: _Batch) -> None:
         """Undo a batch that could not be committed: the map keeps its entries, and every

@@ -104,6 +104,17 @@ def test_commit_deletes_and_overwrites(map_path):
     blockmap.close()
 
 
+def test_commit_returns_the_entries_it_replaced_of_the_unread_blocks(map_path):
+    blockmap = BlockMap.create(map_path, 1 << 30)
+    first, second = Entry(TIER_RAM, 0, 4096, 1, 0), Entry(TIER_DISK, COMPRESSED, 700, 2, 8192)
+    assert blockmap.commit({1: first, 17: ZERO_ENTRY}, unread={1, 17}) == {1: None, 17: None}
+    replaced = blockmap.commit({1: second, 2: first, 17: None, 18: None}, unread={1, 17, 18})
+    assert replaced == {1: first, 17: ZERO_ENTRY, 18: None}
+    assert blockmap.commit({1: None}) == {}
+    assert blockmap.get(2) == first and blockmap.get(1) is None
+    blockmap.close()
+
+
 def test_items_are_in_numeric_block_order(map_path):
     blockmap = BlockMap.create(map_path, 1 << 50)
     blocks = [2**40, 0, 255, 256, 65535, 2**32, 1, 2**32 - 1]
