@@ -1135,6 +1135,9 @@ class Store:
         committed entry: the commit reads the block's group anyway and returns it (see
         :meth:`_count_out_unread`).  Writes need the old entry only to free its slot
         and count it out, both after the commit; reads and moves see the staged one.
+
+        ``entry`` is a written page's, a zero one or ``None``, never a grouped one,
+        which :meth:`_replace` stages with the reference it holds.
         """
         batch = self._batch
         if batch is not None and block in batch.changes:
@@ -1142,15 +1145,20 @@ class Store:
         if batch is None:
             batch = self._batch = _Batch()
             asyncio.get_running_loop().call_soon(self._commit)
-        old_backing = self._current_backing(block)
         batch.unread[block] = entry
         batch.changes[block] = entry
         self.block_tiers[block] = TIER_NONE if entry is None else entry.tier
-        self._hold(block, entry)
-        if old_backing is not None:
-            self._replace_backing(batch, block, old_backing, entry, None)
+        if self._may_have_backing[block]:  # not in the batch's clean copies, as not in its changes
+            self._drop_backing(batch, block, entry)
         self._count(entry, 1)
         return batch
+
+    def _drop_backing(self, batch: _Batch, block: int, entry: Entry | None) -> None:
+        """:meth:`_stage`'s part for a block that may have a clean copy: a write makes
+        it stale."""
+        old_backing = self._map.get_backing(block)
+        if old_backing is not None:
+            self._replace_backing(batch, block, old_backing, entry, None)
 
     def _stage_if(self, block: int, expected: Entry | None, entry: Entry | None, *,
                   expected_backing: Entry | None = None, backing: Entry | None = None) -> _Batch | None:

