@@ -67,7 +67,7 @@ import logging
 import operator
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -167,7 +167,8 @@ class _Batch:
 
     def __init__(self) -> None:
         self.changes: dict[int, Entry | None] = {}
-        self.base: dict[int, Entry | None] = {}  # the committed entry of each changed block
+        #: The committed entry of each changed block (of an unread one, from its commit).
+        self.base: dict[int, Entry | None] = {}
         #: Blocks staged without their committed entry (see Store._stage): the entry
         #: their first staging put; the commit returns the committed one.
         self.unread: dict[int, Entry | None] = {}
@@ -363,7 +364,7 @@ class Store:
             position += end - start
             (whole if len(chunk) == BLOCK_SIZE else partial).append((block, start, chunk))
         entries = await self._store_pages([chunk for _, _, chunk in whole])
-        batches = [self._stage(block, entry) for (block, _, _), entry in zip(whole, entries)]
+        batches = self._stage_written([block for block, _, _ in whole], entries)
         for block, start, chunk in partial:
             batches.append(await self._write_partial(block, start, chunk))
         await self._settle(batches, fua)
@@ -430,11 +431,9 @@ class Store:
         if len(entries) < len(pages):
             self._discard_all(entries)
             return None
-        batch = None
-        for block, entry in enumerate(entries, first):
-            self.heat[block] = HOT
-            batch = self._stage(block, entry)
-        return batch
+        blocks = range(first, first + len(entries))
+        self.heat[blocks.start : blocks.stop] = bytes((HOT,)) * len(blocks)
+        return self._stage_written(blocks, entries)[-1]
 
     def _write_block_now(self, block: int, encoded: Encoded) -> _Batch | None:
         """:meth:`write_encoded_now` of one block, the write of a swapped-out page,
@@ -444,7 +443,25 @@ class Store:
         if entry is None:
             return None
         self.heat[block] = HOT
-        return self._stage(block, entry)
+        try:
+            return self._stage(block, entry)
+        except BaseException:
+            self._discard(entry)  # never staged (see _stage_written)
+            raise
+
+    def _stage_written(self, blocks: Sequence[int], entries: list[Entry]) -> list[_Batch]:
+        """Stage the entries of freshly stored pages of ``blocks``.  If staging one fails
+        (a map read), the slots of it and of those after it, which no entry will ever
+        point at, are freed before the error goes on; those staged stay staged, as the
+        pieces of a failed NBD write may."""
+        batches: list[_Batch] = []
+        for block, entry in zip(blocks, entries):
+            try:
+                batches.append(self._stage(block, entry))
+            except BaseException:
+                self._discard_all(entries[len(batches):])
+                raise
+        return batches
 
     @staticmethod
     def when_committed(batch: _Batch, callback: Callable[[str | None], None]) -> None:
@@ -1132,33 +1149,29 @@ class Store:
         """Stage ``entry`` as the block's new entry; returns the batch to wait for.
 
         A block this batch has not changed yet is staged without looking up its
-        committed entry: the commit reads the block's group anyway and returns it (see
-        :meth:`_count_out_unread`).  Writes need the old entry only to free its slot
-        and count it out, both after the commit; reads and moves see the staged one.
+        committed entry: the commit reads the block's group anyway and returns it.
+        Writes need the old entry only to free its slot and to count it out, and
+        :meth:`_count_out_unread` does both at the commit, where it also counts the
+        block's last staged entry in; reads and moves see the staged one.
 
-        ``entry`` is a written page's, a zero one or ``None``, never a grouped one,
-        which :meth:`_replace` stages with the reference it holds.
+        ``entry`` is a written page's (stored, zero or same-filled) or ``None``, never
+        a grouped one, which :meth:`_replace` stages with the reference it holds.
         """
         batch = self._batch
         if batch is not None and block in batch.changes:
             return self._replace(block, batch.changes[block], entry)
+        # Read before anything is staged, so that a failed read stages nothing.  A
+        # block not in the batch's changes is not in its clean copies either.
+        old_backing = self._map.get_backing(block) if self._may_have_backing[block] else None
         if batch is None:
             batch = self._batch = _Batch()
             asyncio.get_running_loop().call_soon(self._commit)
         batch.unread[block] = entry
         batch.changes[block] = entry
         self.block_tiers[block] = TIER_NONE if entry is None else entry.tier
-        if self._may_have_backing[block]:  # not in the batch's clean copies, as not in its changes
-            self._drop_backing(batch, block, entry)
-        self._count(entry, 1)
-        return batch
-
-    def _drop_backing(self, batch: _Batch, block: int, entry: Entry | None) -> None:
-        """:meth:`_stage`'s part for a block that may have a clean copy: a write makes
-        it stale."""
-        old_backing = self._map.get_backing(block)
         if old_backing is not None:
             self._replace_backing(batch, block, old_backing, entry, None)
+        return batch
 
     def _stage_if(self, block: int, expected: Entry | None, entry: Entry | None, *,
                   expected_backing: Entry | None = None, backing: Entry | None = None) -> _Batch | None:
@@ -1180,7 +1193,8 @@ class Store:
             batch = self._batch = _Batch()
             asyncio.get_running_loop().call_soon(self._commit)
         old_backing = self._current_backing(block)
-        if block not in batch.unread:
+        counted = block not in batch.unread  # else counted at the commit
+        if counted:
             batch.base.setdefault(block, old)
         batch.changes[block] = entry
         self.block_tiers[block] = TIER_NONE if entry is None else entry.tier
@@ -1189,8 +1203,9 @@ class Store:
         self._hold(block, entry)
         if old_backing is not None or backing is not None:
             self._replace_backing(batch, block, old_backing, entry, backing)
-        self._count(old, -1)
-        self._count(entry, 1)
+        if counted:
+            self._count(old, -1)
+            self._count(entry, 1)
         return batch
 
     def _replace_backing(self, batch: _Batch, block: int, old_backing: Entry | None, entry: Entry | None,
@@ -1226,11 +1241,15 @@ class Store:
     def _count_out_unread(self, batch: _Batch, committed: dict[int, Entry | None]) -> None:
         """What :meth:`_replace` does with a block's old entry, for the blocks
         :meth:`_stage` staged without it, once ``committed`` tells it: the entry becomes
-        the block's base, is counted out, and its slot is queued to be freed."""
+        the block's base and is counted out, the block's last staged entry is counted
+        in (until now the counts held the committed entry), and the old slot is queued
+        to be freed."""
+        changes = batch.changes
         for block, staged in batch.unread.items():
             old = committed.get(block)
             batch.base[block] = old
             self._count(old, -1)
+            self._count(changes[block], 1)
             if _frees(old, staged, None):
                 batch.replaced.append((block, old))
 
@@ -1238,13 +1257,17 @@ class Store:
         """The committed entries of ``blocks``, after a commit that failed (and so left
         the map as it was).  A block whose entry cannot be read either is left out: its
         counts and slot stay as they are, which is right, as the map still points at
-        it; only its :attr:`block_tiers` byte is wrong until a restart."""
-        committed = {}
+        it; only its :attr:`block_tiers` byte is wrong until the block is staged again
+        or the server restarts."""
+        committed, unreadable, first_error = {}, 0, None
         for block in blocks:
             try:
                 committed[block] = self._map.get(block)
-            except lmdb.Error as error:
-                log.error("block %d: its entry could not be read to undo the failed commit: %s", block, error)
+            except Exception as error:  # noqa: BLE001 - the rollback and the writers' errors must follow
+                unreadable += 1
+                first_error = first_error or error
+        if unreadable:
+            log.error("%d entries could not be read to undo the failed commit: %s", unreadable, first_error)
         return committed
 
     def _roll_back(self, batch: _Batch) -> None:
@@ -1336,9 +1359,10 @@ class Store:
             self._backings[entry.tier] += sign
 
     def _count(self, entry: Entry | None, sign: int) -> None:
-        """Count ``entry`` in (``sign`` 1) or out (-1).  Every staged change calls it
-        twice, so it tests the fields instead of :attr:`Entry.is_zero` (a property call,
-        1.3k instructions a write, callgrind): not same-filled and on no tier is zero."""
+        """Count ``entry`` in (``sign`` 1) or out (-1).  Every change calls it twice (at
+        staging, or for a block staged unread at its commit), so it tests the fields
+        instead of :attr:`Entry.is_zero` (a property call, 1.3k instructions a write,
+        callgrind): not same-filled and on no tier is zero."""
         if entry is None:
             return
         self._mapped += sign

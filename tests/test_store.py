@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from nbdswap import blockmap as blockmap_module
 from nbdswap import store as store_module
 from nbdswap.blockmap import GROUPED, LOST, ZERO_ENTRY, MAP_FILE, SAME_FILLED, TIER_DISK, TIER_NONE, TIER_RAM, BlockMap
 from nbdswap.errors import CorruptBlockError, NoSpaceError, StateDirError, StoreError, TierUnavailableError
@@ -770,10 +771,10 @@ async def test_failed_commit_rolls_back(state_dir, monkeypatch, error):
     await store.write(0, old)
     before = store.stats()
 
-    def fail(changes, backing=None, unread=()):
+    def fail(*args):
         raise error
 
-    monkeypatch.setattr(store._map, "commit", fail)
+    monkeypatch.setattr(blockmap_module, "_with_record", fail)  # inside the real commit
     with pytest.raises(StoreError, match="commit failed"):
         # Blocks 0 and 1 are staged without their committed entries, then staged again
         # over the staged ones: the rollback reads the committed ones from the map.
@@ -789,6 +790,48 @@ async def test_failed_commit_rolls_back(state_dir, monkeypatch, error):
     assert store.block_tiers == current_tiers(store)
     await store.write(0, bytes(SECTOR))
     assert await store.read(0, BLOCK_SIZE) == bytes(SECTOR) + old[SECTOR:BLOCK_SIZE]
+    await store.close()
+
+
+async def test_counts_hold_the_committed_entry_until_a_write_is_committed(state_dir):
+    """A whole-block write is staged without its old entry, which the commit reads: until
+    then the counts keep the committed entry, not both."""
+    store = open_store(state_dir)
+    await store.write(0, make_data("text", 1, BLOCK_SIZE))
+    await store.write_zeroes(BLOCK_SIZE, BLOCK_SIZE, may_trim=False)
+    before = store.stats()["map"]
+    store.write_now(0, make_data("text", 2, BLOCK_SIZE))
+    store.write_now(BLOCK_SIZE, make_data("text", 3, BLOCK_SIZE))
+    store.write_now(BLOCK_SIZE, bytes(BLOCK_SIZE))
+    assert store.stats()["map"] == before
+    await store.flush()
+    assert store.stats()["map"]["blocks"] == 2 and counted(store) == recount(store)
+    await store.close()
+
+
+@pytest.mark.parametrize("path", ["write", "write_now"])
+async def test_a_failed_clean_copy_lookup_stages_nothing(state_dir, monkeypatch, path):
+    """Nothing staged, and the slot the new page took is freed again."""
+    store = open_store(state_dir)
+    old = make_data("text", 1, BLOCK_SIZE)
+    await store.write(0, old)
+    await store.move(0, "disk")
+    await store.move(0, "ram", keep_source=True)  # a RAM entry with a clean copy on disk
+    entry, backing, before = store.entry(0), store._map.get_backing(0), store.stats()
+
+    def unreadable(block):
+        raise lmdb.ReadersFullError("readers full")
+
+    monkeypatch.setattr(store._map, "get_backing", unreadable)
+    with pytest.raises(lmdb.Error):
+        if path == "write":
+            await store.write(0, make_data("text", 2, BLOCK_SIZE))
+        else:
+            store.write_now(0, make_data("text", 2, BLOCK_SIZE))
+    monkeypatch.undo()
+    await store.flush()
+    assert (store.entry(0), store._map.get_backing(0)) == (entry, backing)
+    assert store.stats() == before and await store.read(0, BLOCK_SIZE) == old
     await store.close()
 
 
