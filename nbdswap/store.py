@@ -432,8 +432,10 @@ class Store:
             self._discard_all(entries)
             return None
         blocks = range(first, first + len(entries))
-        self.heat[blocks.start : blocks.stop] = bytes((HOT,)) * len(blocks)
-        return self._stage_written(blocks, entries)[-1]
+        for block in blocks:
+            self.heat[block] = HOT
+        batches = self._stage_written(blocks, entries)
+        return batches[-1] if batches else None
 
     def _write_block_now(self, block: int, encoded: Encoded) -> _Batch | None:
         """:meth:`write_encoded_now` of one block, the write of a swapped-out page,
@@ -1257,8 +1259,9 @@ class Store:
         """The committed entries of ``blocks``, after a commit that failed (and so left
         the map as it was).  A block whose entry cannot be read either is left out: its
         counts and slot stay as they are, which is right, as the map still points at
-        it; only its :attr:`block_tiers` byte is wrong until the block is staged again
-        or the server restarts."""
+        it; only its :attr:`block_tiers` byte is wrong (``TIER_NONE``, which hides the
+        block from the policy's tier scans, drains included) until the block is staged
+        again or the server restarts."""
         committed, unreadable, first_error = {}, 0, None
         for block in blocks:
             try:

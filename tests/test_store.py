@@ -835,6 +835,30 @@ async def test_a_failed_clean_copy_lookup_stages_nothing(state_dir, monkeypatch,
     await store.close()
 
 
+async def test_a_write_whose_second_block_cannot_be_staged_frees_its_slot(state_dir, monkeypatch):
+    """The first block of the write stays staged (a failed NBD write may leave some of
+    its blocks written); the second one's page takes no slot."""
+    store = open_store(state_dir)
+    await store.write(BLOCK_SIZE, make_data("text", 1, BLOCK_SIZE))
+    await store.move(1, "disk")
+    await store.move(1, "ram", keep_source=True)  # block 1: a clean copy on disk
+    get_backing = store._map.get_backing
+
+    def unreadable(block):
+        if block == 1:
+            raise lmdb.ReadersFullError("readers full")
+        return get_backing(block)
+
+    monkeypatch.setattr(store._map, "get_backing", unreadable)
+    with pytest.raises(lmdb.Error):
+        store.write_now(0, make_data("text", 2, 2 * BLOCK_SIZE))
+    monkeypatch.undo()
+    await store.flush()
+    assert store.tier("ram").blocks == 2  # block 0's new page and block 1's old one
+    assert store.stats()["map"]["blocks"] == 2 and store.entry(1).tier == TIER_RAM
+    await store.close()
+
+
 # --- the state directory -------------------------------------------------------------
 
 
