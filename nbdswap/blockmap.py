@@ -301,8 +301,8 @@ class BlockMap:
                backing: Mapping[int, Entry | None] | None = None,
                unread: Container[int] = ()) -> dict[int, Entry | None]:
         """Write all ``changes`` and ``backing`` changes (``None`` deletes) in one
-        transaction; returns the entries it replaced of the blocks in ``unread`` (a set
-        or a dict: it is asked once per change).
+        transaction; returns the entries it replaced of the blocks in ``unread`` (a set:
+        it is asked once per change).
 
         The commit reads each changed group anyway, so a writer that did not look up
         a block's old entry before staging its new one learns it here, without a

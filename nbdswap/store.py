@@ -169,9 +169,9 @@ class _Batch:
         self.changes: dict[int, Entry | None] = {}
         #: The committed entry of each changed block (of an unread one, from its commit).
         self.base: dict[int, Entry | None] = {}
-        #: Blocks staged without their committed entry (see Store._stage): the entry
-        #: their first staging put; the commit returns the committed one.
-        self.unread: dict[int, Entry | None] = {}
+        #: Blocks staged without their committed entry (see Store._stage); the commit
+        #: returns it.
+        self.unread: set[int] = set()
         self.backing: dict[int, Entry | None] = {}  # clean-copy changes
         self.backing_base: dict[int, Entry | None] = {}
         self.replaced: list[tuple[int, Entry]] = []  # stored entries to free after the commit
@@ -1166,9 +1166,8 @@ class Store:
         # block not in the batch's changes is not in its clean copies either.
         old_backing = self._map.get_backing(block) if self._may_have_backing[block] else None
         if batch is None:
-            batch = self._batch = _Batch()
-            asyncio.get_running_loop().call_soon(self._commit)
-        batch.unread[block] = entry
+            batch = self._new_batch()
+        batch.unread.add(block)
         batch.changes[block] = entry
         self.block_tiers[block] = TIER_NONE if entry is None else entry.tier
         if old_backing is not None:
@@ -1190,10 +1189,7 @@ class Store:
                  backing: Entry | None = None) -> _Batch:
         """Stage the block's new entry and clean copy; the slots neither of them still
         uses are freed after the commit."""
-        batch = self._batch
-        if batch is None:
-            batch = self._batch = _Batch()
-            asyncio.get_running_loop().call_soon(self._commit)
+        batch = self._batch if self._batch is not None else self._new_batch()
         old_backing = self._current_backing(block)
         counted = block not in batch.unread  # else counted at the commit
         if counted:
@@ -1221,6 +1217,12 @@ class Store:
             batch.replaced.append((block, old_backing))
         self._hold(block, backing)
 
+    def _new_batch(self) -> _Batch:
+        """Start staging: a batch whose commit runs once the loop has run what is ready."""
+        batch = self._batch = _Batch()
+        asyncio.get_running_loop().call_soon(self._commit)
+        return batch
+
     def _commit(self) -> None:
         """Write the staged batch in one transaction, then free what it replaced."""
         batch, self._batch = self._batch, None
@@ -1245,14 +1247,16 @@ class Store:
         :meth:`_stage` staged without it, once ``committed`` tells it: the entry becomes
         the block's base and is counted out, the block's last staged entry is counted
         in (until now the counts held the committed entry), and the old slot is queued
-        to be freed."""
+        to be freed.  Its slot is always freed (:func:`_frees`): nothing staged in the
+        batch can point at it, as every later staging of the block read the staged
+        entry, and the first one's payload took a slot of its own."""
         changes = batch.changes
-        for block, staged in batch.unread.items():
+        for block in batch.unread:
             old = committed.get(block)
             batch.base[block] = old
             self._count(old, -1)
             self._count(changes[block], 1)
-            if _frees(old, staged, None):
+            if old is not None and old.is_stored:
                 batch.replaced.append((block, old))
 
     def _committed_entries(self, blocks: Iterable[int]) -> dict[int, Entry | None]:

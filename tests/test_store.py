@@ -793,6 +793,35 @@ async def test_failed_commit_rolls_back(state_dir, monkeypatch, error):
     await store.close()
 
 
+async def test_a_failed_commit_whose_old_entry_cannot_be_read_keeps_it(state_dir, monkeypatch, caplog):
+    """The map still points at the old entry: its slot stays allocated and counted, the
+    new page's slot is freed, and the block reads its old data."""
+    store = open_store(state_dir)
+    old = make_data("text", 4, 2 * BLOCK_SIZE)
+    await store.write(0, old)
+    before = store.stats()
+    get = store._map.get
+
+    def fail(*args):
+        raise lmdb.DiskError("disk full")
+
+    def unreadable(block):
+        if block == 0:
+            raise RuntimeError("not an LMDB error")
+        return get(block)
+
+    monkeypatch.setattr(blockmap_module, "_with_record", fail)
+    monkeypatch.setattr(store._map, "get", unreadable)
+    with pytest.raises(StoreError, match="commit failed"):
+        async with asyncio.timeout(60):  # a hang, as any error but LMDB's once made, fails
+            await store.write(0, make_data("random", 5, 2 * BLOCK_SIZE))
+    monkeypatch.undo()
+    assert "1 entries could not be read to undo the failed commit" in caplog.text
+    assert store.stats() == before and counted(store) == recount(store)
+    assert await store.read(0, 2 * BLOCK_SIZE) == old
+    await store.close()
+
+
 async def test_counts_hold_the_committed_entry_until_a_write_is_committed(state_dir):
     """A whole-block write is staged without its old entry, which the commit reads: until
     then the counts keep the committed entry, not both."""
