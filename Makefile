@@ -14,13 +14,14 @@ VM_DIR := build/vm
 # busybox for the VM end-to-end tests, a C toolchain for their static memory hog
 # (binutils' strip for their images, e2fsprogs for the local guest's disk),
 # Redis for the remote tier, Prometheus (promtool) for the metrics, openssl for
-# TLS certificates, systemd for systemd-analyze.
+# TLS certificates, systemd for systemd-analyze, valgrind for
+# bench/write_instructions.py (callgrind).
 # `make run` needs only the first (Debian 12's python3 lacks venv without it).
 RUN_PACKAGES := python3-venv
 APT_PACKAGES := $(RUN_PACKAGES) libnbd-bin python3-libnbd qemu-utils nbdkit nbd-client fio \
 	qemu-system-x86 busybox-static cpio kmod iproute2 gcc libc6-dev binutils e2fsprogs \
 	redis-server redis-tools prometheus python3-yaml openssl systemd \
-	ca-certificates procps
+	ca-certificates procps valgrind
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 

@@ -144,6 +144,21 @@ def test_store_costs_rebuild_scan_and_compact() -> None:
     assert "8 payloads 15/16 live offered to compaction: 0 pages moved" in compacted
 
 
+def test_write_instructions_path_answers_every_write() -> None:
+    """The path the tool counts serves what it is fed: every write answered OK (it
+    exits non-zero otherwise), and nothing answered when it is not fed."""
+    run(str(BENCH / "write_instructions.py"), "--child", "96", "--feed")
+    run(str(BENCH / "write_instructions.py"), "--child", "96", "--no-feed")
+
+
+def test_write_instructions_counts_with_callgrind() -> None:
+    text = run(str(BENCH / "write_instructions.py"), "--writes", "64", timeout=600)
+    count = re.search(r"([\d,]+) instructions per 4 KiB write \(64 writes", text)
+    assert count, text
+    # A write runs zstd, the slab allocator and the map's commit: far more than nothing.
+    assert int(count.group(1).replace(",", "")) > 10_000
+
+
 def test_corpus_writes_runs_every_server_and_counts_the_workers_cpu(tmp_path: Path) -> None:
     corpus = tmp_path / "tiny.pages"
     tiny_corpus(corpus)

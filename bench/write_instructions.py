@@ -1,0 +1,191 @@
+#!/usr/bin/env python3
+"""Instructions a 4 KiB write executes on the server's request path, counted by callgrind
+(issue 7; bench/RESULTS.md).
+
+fio's IOPS on this 2-core machine move by 10-25 % from one hour to the next, so a change
+worth a few per cent needs many alternating fio pairs to show, and a smaller one never
+does.  callgrind counts the instructions the code executes, which do not move with the
+machine's load: two trees can be compared in one minute, run after run alike.
+
+The path runs in one process, without sockets: an ``NBDConnection`` (negotiated with
+``NBD_OPT_GO``) is fed NBD WRITE requests, 32 to a ``data_received`` like fio's at QD32,
+through a transport that only counts the replies, over the real device, store, RAM tier
+and block map; each chunk is followed by loop turns for its commit and replies.  The
+pages are alike (1 KiB of random bytes then zeros, shifted), the blocks random among
+8,192 prefilled ones, so every write replaces a stored page, as swap-outs do.  Not
+counted: the kernel (receiving the data, LMDB's ``pwrite`` calls, sending replies) and
+uvloop's own I/O work.
+
+It runs itself twice under ``valgrind --tool=callgrind``: once building and feeding the
+requests, once only building them; the difference divided by ``--writes`` is a write's
+instructions.  ``--tree`` measures another checkout (a ``git worktree`` of the commit
+to compare against).
+
+Usage: bench/write_instructions.py [--writes N] [--tree PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BLOCK = 4096
+PREFILLED_BLOCKS = 8192
+EXPORT_SIZE = 64 << 20
+REQUESTS_PER_CHUNK = 32
+#: valgrind cannot reserve the block map's usual 64 GiB of address space.
+MAP_SIZE_UNDER_VALGRIND = 1 << 30
+_OK_REPLY = struct.Struct(">IIQ")
+
+
+class CountingTransport:
+    """What ``NBDConnection`` needs of a transport; keeps what it is given to send."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def get_extra_info(self, name: str) -> None:
+        return None
+
+    def writelines(self, data: list[bytes]) -> None:
+        self.sent.extend(data)
+
+    def write(self, data: bytes) -> None:
+        self.sent.append(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        raise AssertionError("the server aborted the connection")
+
+    def close(self) -> None:
+        raise AssertionError("the server closed the connection")
+
+
+def _option(option: int, data: bytes) -> bytes:
+    return struct.pack(">QII", 0x49484156454F5054, option, len(data)) + data
+
+
+def _write_request(cookie: int, offset: int, page: bytes) -> bytes:
+    return struct.pack(">IHHQQI", 0x25609513, 0, 1, cookie, offset, len(page)) + page
+
+
+def _pages() -> list[bytes]:
+    random_part = random.Random(3).randbytes(1024)
+    return [(random_part + bytes(3072))[shift:] + bytes(shift) for shift in range(64)]
+
+
+def _chunks(writes: int) -> list[bytes]:
+    """The requests, REQUESTS_PER_CHUNK to a chunk; cookie i for the i-th write."""
+    rng, pages = random.Random(7), _pages()
+    blocks = [rng.randrange(PREFILLED_BLOCKS) for _ in range(writes)]
+    return [b"".join(_write_request(first + i, block * BLOCK, pages[block % len(pages)])
+                     for i, block in enumerate(blocks[first:first + REQUESTS_PER_CHUNK]))
+            for first in range(0, writes, REQUESTS_PER_CHUNK)]
+
+
+def _replied_ok(sent: list[bytes], writes: int) -> int:
+    """How many of the writes got a simple reply without error."""
+    replies = b"".join(sent)
+    cookies = set()
+    for offset in range(0, len(replies) - len(replies) % _OK_REPLY.size, _OK_REPLY.size):
+        magic, error, cookie = _OK_REPLY.unpack_from(replies, offset)
+        if magic == 0x67446698 and error == 0 and cookie < writes:
+            cookies.add(cookie)
+    return len(cookies)
+
+
+async def run_path(writes: int, feed: bool) -> int:
+    """Build ``writes`` requests and (with ``feed``) serve them; the OK replies."""
+    import nbdswap.blockmap
+    from nbdswap.device import BlockDevice
+    from nbdswap.server import NBDConnection, NBDServer
+    from nbdswap.store import Store
+    from nbdswap.tiers.ram import arena_path
+
+    nbdswap.blockmap.MAP_SIZE = MAP_SIZE_UNDER_VALGRIND
+    state_dir = Path(tempfile.mkdtemp(prefix="nbdswap-instructions-")) / "state"
+    store = Store.open(state_dir, size=EXPORT_SIZE, ram_max=EXPORT_SIZE, disk_max=0)
+    try:
+        connection, transport = NBDConnection(NBDServer(BlockDevice(store, "swap", EXPORT_SIZE))), CountingTransport()
+        connection.connection_made(transport)
+        connection.data_received(struct.pack(">I", 3))  # fixed newstyle, no zeroes
+        connection.data_received(_option(7, struct.pack(">I", 4) + b"swap" + struct.pack(">H", 0)))
+        pages = _pages()
+        for first in range(0, PREFILLED_BLOCKS, 64):
+            store.write_now(first * BLOCK, b"".join(pages[(first + i) % len(pages)] for i in range(64)))
+            await asyncio.sleep(0)
+        transport.sent.clear()
+        chunks = _chunks(writes)
+        for chunk in chunks if feed else ():
+            connection.data_received(chunk)
+            for _ in range(3):  # the commit, the replies' flush, and one spare
+                await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return _replied_ok(transport.sent, writes)
+    finally:
+        await store.close()
+        arena_path(state_dir).unlink(missing_ok=True)
+        shutil.rmtree(state_dir.parent)
+
+
+def _child(writes: int, feed: bool) -> None:
+    import uvloop
+
+    answered, expected = uvloop.run(run_path(writes, feed)), writes if feed else 0
+    if answered != expected:
+        raise SystemExit(f"{answered} of {writes} writes answered OK, not {expected}")
+
+
+def _instructions(tree: Path, writes: int, feed: bool) -> int:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    with tempfile.TemporaryDirectory() as tmp:
+        result = subprocess.run(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/callgrind.out",
+             sys.executable, __file__, "--child", str(writes), "--feed" if feed else "--no-feed"],
+            capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise SystemExit(f"valgrind run failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    match = re.search(r"Collected : (\d+)", result.stderr) or re.search(r"refs:\s+([\d,]+)", result.stderr)
+    if match is None:
+        raise SystemExit(f"no instruction count in valgrind's output:\n{result.stderr[-3000:]}")
+    return int(match.group(1).replace(",", ""))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--writes", type=int, default=8000, help="writes counted (default 8000)")
+    parser.add_argument("--tree", type=Path, default=REPO, help="checkout to measure (default: this one)")
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--feed", action=argparse.BooleanOptionalAction, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        _child(args.child, args.feed)
+        return
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind is not installed (make bench installs it)")
+    fed = _instructions(args.tree, args.writes, True)
+    built = _instructions(args.tree, args.writes, False)
+    print(f"{args.tree}: {(fed - built) / args.writes:,.0f} instructions per 4 KiB write "
+          f"({args.writes} writes, whole request path in user space)")
+
+
+if __name__ == "__main__":
+    main()
