@@ -25,6 +25,10 @@ if TYPE_CHECKING:
     from .protocol import ServerConnection
     from .store import Store, _Batch
 
+    #: A write waiting for its batch's commit: the request, its connection, the
+    #: server's callback for a queued reply, and when the write started.
+    _PendingReply = tuple[Request, ServerConnection, Callable[[Request], None], int]
+
 log = logging.getLogger(__name__)
 
 BLOCK_SIZE = 4096
@@ -74,6 +78,10 @@ class BlockDevice:
         #: Encodes whole-block writes on worker processes when set (see :mod:`.encoder`).
         self.encoder: EncoderPool | None = None
         self._slow_writes: set[asyncio.Task] = set()  # encoded writes sent to execute()
+        #: The batch the last whole-block write was staged in, and the writes waiting
+        #: for its commit (see :meth:`_reply_when_committed`).
+        self._replies_batch: _Batch | None = None
+        self._replies: list[_PendingReply] = []
 
     def submit(self, request: Request, connection: ServerConnection,
                done: Callable[[Request], None]) -> Coroutine[None, None, None] | None:
@@ -179,15 +187,29 @@ class BlockDevice:
 
     def _reply_when_committed(self, batch: _Batch, request: Request, connection: ServerConnection,
                               done: Callable[[Request], None], started: int) -> None:
-        def committed(error: str | None) -> None:
+        """Answer the write once ``batch`` is committed.  The writes staged in one batch
+        share one callback and one list: a closure per write, its call and a clock read
+        each cost 3.1k instructions of a write's 150k (bench/write_instructions.py)."""
+        reply = (request, connection, done, started)
+        if batch is self._replies_batch:
+            self._replies.append(reply)
+            return
+        self._replies_batch, replies = batch, [reply]
+        self._replies = replies
+        self.store.when_committed(batch, lambda error: self._answer_writes(replies, error))
+
+    def _answer_writes(self, replies: list[_PendingReply], error: str | None) -> None:
+        """Reply to the writes of a committed (or failed) batch, in the order staged."""
+        if replies is self._replies:
+            self._replies_batch, self._replies = None, []  # the batch is no longer kept alive
+        record, finished = self.stats["write"].record, perf_counter_ns()
+        for request, connection, done, started in replies:
             if error is None:
                 connection.reply_ok(request)
             else:
                 self._fail(request, connection, "write", StoreError(error))
-            self.stats["write"].record(request.length, perf_counter_ns() - started)
+            record(request.length, finished - started)
             done(request)
-
-        self.store.when_committed(batch, committed)
 
     async def execute(self, request: Request, connection: ServerConnection) -> None:
         """Run ``request`` and queue its reply on ``connection``."""

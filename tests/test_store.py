@@ -6,6 +6,7 @@ import os
 import random
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -22,7 +23,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from nbdswap import blockmap as blockmap_module
 from nbdswap import store as store_module
 from nbdswap.blockmap import GROUPED, LOST, ZERO_ENTRY, MAP_FILE, SAME_FILLED, TIER_DISK, TIER_NONE, TIER_RAM, BlockMap
+from nbdswap.device import BlockDevice
 from nbdswap.errors import CorruptBlockError, NoSpaceError, StateDirError, StoreError, TierUnavailableError
+from nbdswap.protocol import ExportCatalog, ServerConnection
 from nbdswap.store import BLOCK_SIZE, HOLE, ZERO, Store, _partial_edges, _split
 from nbdswap.tiers.disk import DISK_FILE
 from nbdswap.tiers.ram import arena_path
@@ -470,6 +473,68 @@ async def _write_both_ways(writes):
             await store.close()
             arena_path(path).unlink(missing_ok=True)
             shutil.rmtree(path)
+
+
+def _in_transmission(device: BlockDevice) -> ServerConnection:
+    """A sans-IO connection past NBD_OPT_GO on ``device``'s export."""
+    connection = ServerConnection(ExportCatalog([device.export]))
+    connection.receive_data(struct.pack(">I", 3))  # fixed newstyle, no zeroes
+    name = device.export.name.encode()
+    go = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
+    connection.receive_data(struct.pack(">QII", 0x49484156454F5054, 7, len(go)) + go)
+    connection.data_to_send()
+    while connection.next_event() is not None:
+        pass
+    return connection
+
+
+def _submit_writes(device, connection, writes, done):
+    """Send WRITE requests ``(cookie, block, data)`` and submit them as the server does."""
+    connection.receive_data(b"".join(
+        struct.pack(">IHHQQI", 0x25609513, 0, 1, cookie, block * BLOCK_SIZE, BLOCK_SIZE) + data
+        for cookie, block, data in writes))
+    while (request := connection.next_event()) is not None:
+        assert device.submit(request, connection, done) is None  # staged, answered at the commit
+
+
+def _simple_replies(connection) -> list[tuple[int, int]]:
+    """(cookie, error) of the simple replies queued on ``connection``."""
+    data = b"".join(connection.data_to_send())
+    return [struct.unpack_from(">IIQ", data, offset)[2:0:-1] for offset in range(0, len(data), 16)]
+
+
+async def test_the_writes_of_one_batch_are_answered_at_its_commit_in_order(state_dir, monkeypatch):
+    """The device answers the writes staged in one batch together, from one callback,
+    in the order they were staged; a failed commit answers each of them with EIO, and
+    the next batch's writes are answered on their own."""
+    store = open_store(state_dir)
+    device = BlockDevice(store, "swap", store.size)
+    connection = _in_transmission(device)
+    done = []
+    old, new = make_data("text", 1, 3 * BLOCK_SIZE), make_data("random", 2, 3 * BLOCK_SIZE)
+    _submit_writes(device, connection, [(cookie, cookie - 1, old[(cookie - 1) * BLOCK_SIZE:cookie * BLOCK_SIZE])
+                                        for cookie in (1, 2, 3)], done.append)
+    assert _simple_replies(connection) == [] and done == []  # nothing before the commit
+    await asyncio.sleep(0)
+    assert _simple_replies(connection) == [(1, 0), (2, 0), (3, 0)]
+    assert [request.cookie for request in done] == [1, 2, 3]
+
+    def fail(group, slot, record):
+        raise lmdb.DiskError("disk full")
+
+    monkeypatch.setattr(blockmap_module, "_with_record", fail)
+    _submit_writes(device, connection, [(cookie, cookie - 4, new[(cookie - 4) * BLOCK_SIZE:(cookie - 3) * BLOCK_SIZE])
+                                        for cookie in (4, 5)], done.append)
+    await asyncio.sleep(0)
+    monkeypatch.undo()
+    assert _simple_replies(connection) == [(4, errno.EIO), (5, errno.EIO)]
+    _submit_writes(device, connection, [(6, 2, new[2 * BLOCK_SIZE:])], done.append)
+    await asyncio.sleep(0)
+    assert _simple_replies(connection) == [(6, 0)]
+    assert [request.cookie for request in done] == [1, 2, 3, 4, 5, 6]
+    assert await store.read(0, 3 * BLOCK_SIZE) == old[:2 * BLOCK_SIZE] + new[2 * BLOCK_SIZE:]
+    assert device.stats["write"].requests == 6 and device.errors[("write", "EIO")] == 2
+    await store.close()
 
 
 async def test_data_survives_restart(state_dir):
