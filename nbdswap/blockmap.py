@@ -440,7 +440,7 @@ def _apply(txn: lmdb.Transaction, db, changes: Mapping[int, Entry | None],
     cursor = txn.cursor(db)
     replaced: dict[int, Entry | None] = {}
     for group in sorted(by_group):
-        group_key = key(group)
+        group_key = group.to_bytes(_KEY_BYTES, "big")  # key(group), without the call
         value = cursor.get(group_key)
         edited = value or _EMPTY_GROUP
         for slot, entry in by_group[group]:

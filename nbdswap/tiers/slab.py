@@ -220,9 +220,9 @@ class SlabAllocator:
         cls = (_CLASS_OF[(length + GRANULE - 1) // GRANULE] if 0 < length <= MAX_PAYLOAD
                else size_class(length, self.large))
         slab, slot = _slot_of(addr, cls)
-        if slab not in self._slots or self._classes[slab] != cls:
+        slots = self._slots.get(slab)
+        if slots is None or self._classes[slab] != cls:
             raise ValueError(f"address {addr} is not in a slab of class {cls}")
-        slots = self._slots[slab]
         if not slots[slot]:
             raise ValueError(f"double free of address {addr}")
         slots[slot] = 0
