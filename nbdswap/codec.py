@@ -126,7 +126,7 @@ def encode(page: bytes) -> Encoded:
     compressed = _COMPRESSOR.compress(page)
     if len(compressed) > RAW_THRESHOLD:
         return _new_tuple(Encoded, (_RAW, bytes(page), 0, checksum(page)))
-    return _new_tuple(Encoded, (_COMPRESSED, compressed, 0, checksum(page)))
+    return _new_tuple(Encoded, (_COMPRESSED, compressed, 0, _xxh3(page) & CHECKSUM_MASK))  # checksum()
 
 
 def split_pages(data: bytes) -> list[bytes]:

@@ -155,8 +155,7 @@ class NBDConnection(asyncio.Protocol):
         self._process()
 
     def _process(self) -> None:
-        next_event = self._protocol.next_event
-        while (event := next_event()) is not None:
+        for event in self._protocol.events():
             if type(event) is Request:  # the common event, spared a call (measured)
                 self._start(event)
             else:

@@ -403,6 +403,16 @@ def test_tls_established_without_starttls_is_a_bug():
 # --- transmission -----------------------------------------------------------------
 
 
+def test_events_hands_over_every_pending_event_at_once_and_in_order():
+    conn = in_transmission()
+    conn.receive_data(request(0, offset=0, length=512, cookie=1) + request(0, offset=512, length=512, cookie=2))
+    conn.receive_data(request(0, offset=7, length=512, cookie=3))  # misaligned: rejected
+    taken = conn.events()
+    assert [(type(event).__name__, event.cookie) for event in taken] == [
+        ("Request", 1), ("Request", 2), ("RequestRejected", 3)]
+    assert conn.next_event() is None and not conn.events()
+
+
 def simple_reply(cookie, error=0):
     return struct.pack(">IIQ", 0x67446698, error, cookie)
 

@@ -1,7 +1,8 @@
 """The server side of one NBD connection, without any I/O (in the style of h11).
 
 Feed received bytes to :meth:`ServerConnection.receive_data`, take events from
-:meth:`ServerConnection.next_event` until it returns ``None``, and send what
+:meth:`ServerConnection.next_event` until it returns ``None`` (or all at once from
+:meth:`ServerConnection.events`), and send what
 :meth:`ServerConnection.data_to_send` returns.  The handshake is answered here in
 full (it only needs the export catalogue); the transmission phase hands every
 *valid* request to the caller as a :class:`Request` and answers invalid ones itself
@@ -337,6 +338,12 @@ class ServerConnection:
         if self._events:
             return self._events.popleft()
         return None
+
+    def events(self) -> deque[Event]:
+        """Every pending event, oldest first: one call for a chunk's requests instead of
+        one each (0.6k instructions of a write, bench/write_instructions.py)."""
+        events, self._events = self._events, deque()
+        return events
 
     def data_to_send(self) -> list[bytes]:
         out, self._out = self._out, []
