@@ -651,8 +651,12 @@ class ServerConnection:
         carries_payload = command == _WRITE and length <= self.export.maximum_payload
         if carries_payload and available < _REQUEST_HEADER_SIZE + length:
             return False
-        self._pos += _REQUEST_HEADER_SIZE
-        data = self._take(length) if carries_payload else None
+        start = self._pos + _REQUEST_HEADER_SIZE
+        if carries_payload:  # _take(length), without the call
+            data = bytes(memoryview(self._in)[start:start + length])
+            self._pos = start + length
+        else:
+            data, self._pos = None, start
         if command == _DISC:
             self._close()
             return False
