@@ -9,17 +9,18 @@ machine's load: two trees can be compared in one minute, run after run alike.
 
 The path runs in one process, without sockets: an ``NBDConnection`` (negotiated with
 ``NBD_OPT_GO``) is fed NBD WRITE requests, 32 to a ``data_received`` like fio's at QD32,
-through a transport that only counts the replies, over the real device, store, RAM tier
-and block map; each chunk is followed by loop turns for its commit and replies.  The
-pages are alike (1 KiB of random bytes then zeros, shifted), the blocks random among
-8,192 prefilled ones, so every write replaces a stored page, as swap-outs do.  Not
-counted: the kernel (receiving the data, LMDB's ``pwrite`` calls, sending replies) and
-uvloop's own I/O work.
+through a transport that keeps the replies, over the real device, store, RAM tier and
+block map; each chunk is followed by two loop turns, for its commit and its replies.
+The pages are alike (1 KiB of random bytes then zeros, shifted), the blocks random
+among 8,192 prefilled ones, so every write replaces a stored page, as swap-outs do.
+Not counted: the kernel (receiving the data, LMDB's ``pwrite`` calls, sending replies)
+and uvloop's socket I/O.
 
 It runs itself twice under ``valgrind --tool=callgrind``: once building and feeding the
-requests, once only building them; the difference divided by ``--writes`` is a write's
-instructions.  ``--tree`` measures another checkout (a ``git worktree`` of the commit
-to compare against).
+requests, once building them and turning the loop as often without feeding them; the
+difference divided by ``--writes`` is a write's instructions (a few dozen of them the
+check that every reply arrived).  ``--tree`` measures another checkout (a ``git
+worktree`` of the commit to compare against).
 
 Usage: bench/write_instructions.py [--writes N] [--tree PATH]
 """
@@ -28,10 +29,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import os
 import random
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -46,6 +49,7 @@ REQUESTS_PER_CHUNK = 32
 #: valgrind cannot reserve the block map's usual 64 GiB of address space.
 MAP_SIZE_UNDER_VALGRIND = 1 << 30
 _OK_REPLY = struct.Struct(">IIQ")
+PR_SET_PDEATHSIG = 1
 
 
 class CountingTransport:
@@ -112,46 +116,67 @@ def _replied_ok(sent: list[bytes], writes: int) -> int:
     return len(cookies)
 
 
-async def run_path(writes: int, feed: bool) -> int:
-    """Build ``writes`` requests and (with ``feed``) serve them; the OK replies."""
+async def run_path(writes: int, feed: bool, check_replies: bool) -> None:
+    """Build ``writes`` requests and, with ``feed``, serve them; the run without
+    ``feed`` makes the same loop turns.  Each write's reply is checked with
+    ``check_replies`` (outside valgrind: decoding them costs a write 2k instructions),
+    else only their total length."""
     import nbdswap.blockmap
-    from nbdswap.device import BlockDevice
-    from nbdswap.server import NBDConnection, NBDServer
     from nbdswap.store import Store
     from nbdswap.tiers.ram import arena_path
 
     nbdswap.blockmap.MAP_SIZE = MAP_SIZE_UNDER_VALGRIND
-    state_dir = Path(tempfile.mkdtemp(prefix="nbdswap-instructions-")) / "state"
-    store = Store.open(state_dir, size=EXPORT_SIZE, ram_max=EXPORT_SIZE, disk_max=0)
+    temporary = Path(tempfile.mkdtemp(prefix="nbdswap-instructions-"))
+    state_dir = temporary / "state"
     try:
-        connection, transport = NBDConnection(NBDServer(BlockDevice(store, "swap", EXPORT_SIZE))), CountingTransport()
-        connection.connection_made(transport)
-        connection.data_received(struct.pack(">I", 3))  # fixed newstyle, no zeroes
-        connection.data_received(_option(7, struct.pack(">I", 4) + b"swap" + struct.pack(">H", 0)))
-        pages = _pages()
-        for first in range(0, PREFILLED_BLOCKS, 64):
-            store.write_now(first * BLOCK, b"".join(pages[(first + i) % len(pages)] for i in range(64)))
-            await asyncio.sleep(0)
-        transport.sent.clear()
-        chunks = _chunks(writes)
-        for chunk in chunks if feed else ():
-            connection.data_received(chunk)
-            for _ in range(3):  # the commit, the replies' flush, and one spare
-                await asyncio.sleep(0)
-        await asyncio.sleep(0)
-        return _replied_ok(transport.sent, writes)
+        store = Store.open(state_dir, size=EXPORT_SIZE, ram_max=EXPORT_SIZE, disk_max=0)
+        try:
+            transport = await _serve(store, writes, feed)
+        finally:
+            await store.close()
     finally:
-        await store.close()
         arena_path(state_dir).unlink(missing_ok=True)
-        shutil.rmtree(state_dir.parent)
+        shutil.rmtree(temporary, ignore_errors=True)
+    if not feed:
+        if transport.sent:
+            raise SystemExit("replies to requests never sent")
+    elif check_replies:
+        if (answered := _replied_ok(transport.sent, writes)) != writes:
+            raise SystemExit(f"{answered} of {writes} writes answered OK")
+    elif sum(map(len, transport.sent)) != _OK_REPLY.size * writes:
+        raise SystemExit(f"{sum(map(len, transport.sent))} bytes of replies to {writes} writes")
 
 
-def _child(writes: int, feed: bool) -> None:
+async def _serve(store, writes: int, feed: bool) -> CountingTransport:
+    from nbdswap.device import BlockDevice
+    from nbdswap.server import NBDConnection, NBDServer
+
+    connection, transport = NBDConnection(NBDServer(BlockDevice(store, "swap", EXPORT_SIZE))), CountingTransport()
+    connection.connection_made(transport)
+    connection.data_received(struct.pack(">I", 3))  # fixed newstyle, no zeroes
+    connection.data_received(_option(7, struct.pack(">I", 4) + b"swap" + struct.pack(">H", 0)))
+    pages = _pages()
+    for first in range(0, PREFILLED_BLOCKS, 64):
+        store.write_now(first * BLOCK, b"".join(pages[(first + i) % len(pages)] for i in range(64)))
+        await asyncio.sleep(0)
+    transport.sent.clear()
+    for chunk in _chunks(writes):
+        if feed:
+            connection.data_received(chunk)
+        await asyncio.sleep(0)  # the commit
+        await asyncio.sleep(0)  # the replies' flush
+    return transport
+
+
+def _child(writes: int, feed: bool, check_replies: bool) -> None:
     import uvloop
 
-    answered, expected = uvloop.run(run_path(writes, feed)), writes if feed else 0
-    if answered != expected:
-        raise SystemExit(f"{answered} of {writes} writes answered OK, not {expected}")
+    uvloop.run(run_path(writes, feed, check_replies))
+
+
+def _die_with_parent() -> None:
+    """In the valgrind child: a killed driver (a test's timeout) takes it along."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _instructions(tree: Path, writes: int, feed: bool) -> int:
@@ -160,7 +185,7 @@ def _instructions(tree: Path, writes: int, feed: bool) -> int:
         result = subprocess.run(
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/callgrind.out",
              sys.executable, __file__, "--child", str(writes), "--feed" if feed else "--no-feed"],
-            capture_output=True, text=True, env=env)
+            capture_output=True, text=True, env=env, preexec_fn=_die_with_parent)
     if result.returncode != 0:
         raise SystemExit(f"valgrind run failed ({result.returncode}):\n{result.stderr[-3000:]}")
     match = re.search(r"Collected : (\d+)", result.stderr) or re.search(r"refs:\s+([\d,]+)", result.stderr)
@@ -175,9 +200,10 @@ def main() -> None:
     parser.add_argument("--tree", type=Path, default=REPO, help="checkout to measure (default: this one)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--feed", action=argparse.BooleanOptionalAction, help=argparse.SUPPRESS)
+    parser.add_argument("--check-replies", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        _child(args.child, args.feed)
+        _child(args.child, args.feed, args.check_replies)
         return
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed (make bench installs it)")
