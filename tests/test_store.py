@@ -515,6 +515,7 @@ async def test_the_writes_of_one_batch_are_answered_at_its_commit_in_order(state
     _submit_writes(device, connection, [(cookie, cookie - 1, old[(cookie - 1) * BLOCK_SIZE:cookie * BLOCK_SIZE])
                                         for cookie in (1, 2, 3)], done.append)
     assert _simple_replies(connection) == [] and done == []  # nothing before the commit
+    assert len(store._batch.callbacks) == 1
     await asyncio.sleep(0)
     assert _simple_replies(connection) == [(1, 0), (2, 0), (3, 0)]
     assert [request.cookie for request in done] == [1, 2, 3]
@@ -534,6 +535,25 @@ async def test_the_writes_of_one_batch_are_answered_at_its_commit_in_order(state
     assert [request.cookie for request in done] == [1, 2, 3, 4, 5, 6]
     assert await store.read(0, 3 * BLOCK_SIZE) == old[:2 * BLOCK_SIZE] + new[2 * BLOCK_SIZE:]
     assert device.stats["write"].requests == 6 and device.errors[("write", "EIO")] == 2
+    await store.close()
+
+
+async def test_a_failure_answering_one_write_does_not_strand_the_rest_of_its_batch(state_dir, caplog):
+    store = open_store(state_dir)
+    device = BlockDevice(store, "swap", store.size)
+    connection = _in_transmission(device)
+    done = []
+
+    def finished(request):
+        done.append(request.cookie)
+        if request.cookie == 2:
+            raise RuntimeError("a bug in the server's callback")
+
+    _submit_writes(device, connection, [(cookie, cookie, make_data("text", cookie, BLOCK_SIZE))
+                                        for cookie in (1, 2, 3)], finished)
+    await asyncio.sleep(0)
+    assert _simple_replies(connection) == [(1, 0), (2, 0), (3, 0)] and done == [1, 2, 3]
+    assert "answering Request(WRITE, cookie=0x2" in caplog.text and "a bug in the server's callback" in caplog.text
     await store.close()
 
 

@@ -91,7 +91,7 @@ def size_class(length: int, large: bool = False) -> int:
 
     :meth:`SlabAllocator.has_room`, ``alloc`` and ``free``, which every written page
     passes, inline its first case and call it for the rest (the three calls were 1.2k
-    instructions of a RAM write's 116k, callgrind)."""
+    instructions of a write's 150k, bench/write_instructions.py)."""
     if 0 < length <= MAX_PAYLOAD:
         return _CLASS_OF[(length + GRANULE - 1) // GRANULE]
     if large and MAX_PAYLOAD < length <= MAX_LARGE_PAYLOAD:
