@@ -5,7 +5,7 @@
 fio's IOPS on this 2-core machine move by 10-25 % from one hour to the next, so a change
 worth a few per cent needs many alternating fio pairs to show, and a smaller one never
 does.  callgrind counts the instructions the code executes, which do not move with the
-machine's load: two trees can be compared in one minute, run after run alike.
+machine's load: a tree is counted in under a minute, run after run alike.
 
 The path runs in one process, without sockets: an ``NBDConnection`` (negotiated with
 ``NBD_OPT_GO``) is fed NBD WRITE requests, 32 to a ``data_received`` like fio's at QD32,
