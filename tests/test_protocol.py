@@ -42,10 +42,7 @@ FLAGS_WITH_DF = FLAGS_WITHOUT_DF | 0x80
 
 
 def events(conn):
-    out = []
-    while (event := conn.next_event()) is not None:
-        out.append(event)
-    return out
+    return list(conn.events())
 
 
 def sent(conn) -> bytes:
@@ -410,7 +407,7 @@ def test_events_hands_over_every_pending_event_at_once_and_in_order():
     taken = conn.events()
     assert [(type(event).__name__, event.cookie) for event in taken] == [
         ("Request", 1), ("Request", 2), ("RequestRejected", 3)]
-    assert conn.next_event() is None and not conn.events()
+    assert not conn.events()
 
 
 def simple_reply(cookie, error=0):

@@ -25,7 +25,8 @@ from nbdswap import store as store_module
 from nbdswap.blockmap import GROUPED, LOST, ZERO_ENTRY, MAP_FILE, SAME_FILLED, TIER_DISK, TIER_NONE, TIER_RAM, BlockMap
 from nbdswap.device import BlockDevice
 from nbdswap.errors import CorruptBlockError, NoSpaceError, StateDirError, StoreError, TierUnavailableError
-from nbdswap.protocol import ExportCatalog, ServerConnection
+from nbdswap.protocol import Command, ExportCatalog, ServerConnection
+from nbdswap.protocol.constants import IHAVEOPT, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, ClientFlag, Option
 from nbdswap.store import BLOCK_SIZE, HOLE, ZERO, Store, _partial_edges, _split
 from nbdswap.tiers.disk import DISK_FILE
 from nbdswap.tiers.ram import arena_path
@@ -478,29 +479,30 @@ async def _write_both_ways(writes):
 def _in_transmission(device: BlockDevice) -> ServerConnection:
     """A sans-IO connection past NBD_OPT_GO on ``device``'s export."""
     connection = ServerConnection(ExportCatalog([device.export]))
-    connection.receive_data(struct.pack(">I", 3))  # fixed newstyle, no zeroes
+    connection.receive_data(struct.pack(">I", ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES))
     name = device.export.name.encode()
-    go = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
-    connection.receive_data(struct.pack(">QII", 0x49484156454F5054, 7, len(go)) + go)
+    go = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)  # no information requests
+    connection.receive_data(struct.pack(">QII", IHAVEOPT, Option.GO, len(go)) + go)
     connection.data_to_send()
-    while connection.next_event() is not None:
-        pass
+    connection.events()
     return connection
 
 
 def _submit_writes(device, connection, writes, done):
     """Send WRITE requests ``(cookie, block, data)`` and submit them as the server does."""
     connection.receive_data(b"".join(
-        struct.pack(">IHHQQI", 0x25609513, 0, 1, cookie, block * BLOCK_SIZE, BLOCK_SIZE) + data
+        struct.pack(">IHHQQI", REQUEST_MAGIC, 0, Command.WRITE, cookie, block * BLOCK_SIZE, BLOCK_SIZE) + data
         for cookie, block, data in writes))
-    while (request := connection.next_event()) is not None:
+    for request in connection.events():
         assert device.submit(request, connection, done) is None  # staged, answered at the commit
 
 
 def _simple_replies(connection) -> list[tuple[int, int]]:
     """(cookie, error) of the simple replies queued on ``connection``."""
     data = b"".join(connection.data_to_send())
-    return [struct.unpack_from(">IIQ", data, offset)[2:0:-1] for offset in range(0, len(data), 16)]
+    replies = [struct.unpack_from(">IIQ", data, offset) for offset in range(0, len(data), 16)]
+    assert all(magic == SIMPLE_REPLY_MAGIC for magic, _, _ in replies) and len(data) % 16 == 0
+    return [(cookie, error) for _, error, cookie in replies]
 
 
 async def test_the_writes_of_one_batch_are_answered_at_its_commit_in_order(state_dir, monkeypatch):

@@ -1,8 +1,7 @@
 """The server side of one NBD connection, without any I/O (in the style of h11).
 
-Feed received bytes to :meth:`ServerConnection.receive_data`, take events from
-:meth:`ServerConnection.next_event` until it returns ``None`` (or all at once from
-:meth:`ServerConnection.events`), and send what
+Feed received bytes to :meth:`ServerConnection.receive_data`, take the events they
+made with :meth:`ServerConnection.events`, and send what
 :meth:`ServerConnection.data_to_send` returns.  The handshake is answered here in
 full (it only needs the export catalogue); the transmission phase hands every
 *valid* request to the caller as a :class:`Request` and answers invalid ones itself
@@ -311,7 +310,7 @@ class ServerConnection:
         return self._tls_active
 
     def receive_data(self, data: bytes) -> None:
-        """Take bytes from the peer; events become available through next_event()."""
+        """Take bytes from the peer; the events they make are taken with events()."""
         if self._state is _CLOSED:
             return
         if self._discard:
@@ -334,14 +333,9 @@ class ServerConnection:
         self._state = _State.OPTIONS
         self._parse()
 
-    def next_event(self) -> Event | None:
-        if self._events:
-            return self._events.popleft()
-        return None
-
     def events(self) -> deque[Event]:
-        """Every pending event, oldest first: one call for a chunk's requests instead of
-        one each (0.6k instructions of a write, bench/write_instructions.py)."""
+        """Every pending event, oldest first: one call for a chunk's requests (a call
+        per event cost 0.6k instructions of a write, bench/write_instructions.py)."""
         events, self._events = self._events, deque()
         return events
 
