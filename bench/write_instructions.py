@@ -41,6 +41,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from nbdswap.protocol.constants import IHAVEOPT, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, ClientFlag, Command, Option
+
 REPO = Path(__file__).resolve().parents[1]
 BLOCK = 4096
 PREFILLED_BLOCKS = 8192
@@ -64,9 +66,6 @@ class CountingTransport:
     def writelines(self, data: list[bytes]) -> None:
         self.sent.extend(data)
 
-    def write(self, data: bytes) -> None:
-        self.sent.append(data)
-
     def is_closing(self) -> bool:
         return False
 
@@ -84,11 +83,11 @@ class CountingTransport:
 
 
 def _option(option: int, data: bytes) -> bytes:
-    return struct.pack(">QII", 0x49484156454F5054, option, len(data)) + data
+    return struct.pack(">QII", IHAVEOPT, option, len(data)) + data
 
 
 def _write_request(cookie: int, offset: int, page: bytes) -> bytes:
-    return struct.pack(">IHHQQI", 0x25609513, 0, 1, cookie, offset, len(page)) + page
+    return struct.pack(">IHHQQI", REQUEST_MAGIC, 0, Command.WRITE, cookie, offset, len(page)) + page
 
 
 def _pages() -> list[bytes]:
@@ -111,7 +110,7 @@ def _replied_ok(sent: list[bytes], writes: int) -> int:
     cookies = set()
     for offset in range(0, len(replies) - len(replies) % _OK_REPLY.size, _OK_REPLY.size):
         magic, error, cookie = _OK_REPLY.unpack_from(replies, offset)
-        if magic == 0x67446698 and error == 0 and cookie < writes:
+        if magic == SIMPLE_REPLY_MAGIC and error == 0 and cookie < writes:
             cookies.add(cookie)
     return len(cookies)
 
@@ -153,8 +152,8 @@ async def _serve(store, writes: int, feed: bool) -> CountingTransport:
 
     connection, transport = NBDConnection(NBDServer(BlockDevice(store, "swap", EXPORT_SIZE))), CountingTransport()
     connection.connection_made(transport)
-    connection.data_received(struct.pack(">I", 3))  # fixed newstyle, no zeroes
-    connection.data_received(_option(7, struct.pack(">I", 4) + b"swap" + struct.pack(">H", 0)))
+    connection.data_received(struct.pack(">I", ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES))
+    connection.data_received(_option(Option.GO, struct.pack(">I", 4) + b"swap" + struct.pack(">H", 0)))
     pages = _pages()
     for first in range(0, PREFILLED_BLOCKS, 64):
         store.write_now(first * BLOCK, b"".join(pages[(first + i) % len(pages)] for i in range(64)))
