@@ -149,6 +149,9 @@ def test_write_instructions_path_answers_every_write() -> None:
     exits non-zero otherwise), and nothing answered when it is not fed."""
     run(str(BENCH / "write_instructions.py"), "--child", "96", "--feed", "--check-replies")
     run(str(BENCH / "write_instructions.py"), "--child", "96", "--no-feed")
+    # fio's shape: fewer writes to a chunk, over more blocks (a prefill not of whole 64s).
+    run(str(BENCH / "write_instructions.py"), "--child", "96", "--feed", "--check-replies",
+        "--per-chunk", "5", "--blocks", "20001")
 
 
 def test_write_instructions_counts_with_callgrind() -> None:
