@@ -430,24 +430,33 @@ def _pack_group(records: Mapping[int, bytes]) -> bytes:
 
 def _apply(txn: lmdb.Transaction, db, changes: Mapping[int, Entry | None],
            unread: Container[int] = ()) -> dict[int, Entry | None]:
-    """Apply block changes to the groups they fall in, one read and one write per group
-    (through a cursor of ``db``, whose get and put take positional arguments: py-lmdb
-    parses keyword arguments slowly; 2.9k instructions of a RAM write, callgrind).
-    Returns the entries replaced of the blocks in ``unread``."""
-    by_group: dict[int, list[tuple[int, Entry | None]]] = {}
-    for block, entry in changes.items():
-        by_group.setdefault(block >> GROUP_BITS, []).append((block & _SLOT_MASK, entry))
+    """Apply block changes to the groups they fall in, one read and one write per group,
+    in block order (through a cursor of ``db``, whose get and put take positional
+    arguments: py-lmdb parses keyword arguments slowly; 2.9k instructions of a RAM
+    write, callgrind).  Returns the entries replaced of the blocks in ``unread``.
+
+    A group's changes are the run of sorted blocks in it, so that no dict of lists is
+    built per commit; an unread block's old record is read where it is replaced, by one
+    call (a block is changed once, so edits of the group's other slots before it only
+    move its record)."""
     cursor = txn.cursor(db)
     replaced: dict[int, Entry | None] = {}
-    for group in sorted(by_group):
+    blocks = sorted(changes)
+    at, count = 0, len(blocks)
+    while at < count:
+        group = blocks[at] >> GROUP_BITS
         group_key = group.to_bytes(_KEY_BYTES, "big")  # key(group), without the call
         value = cursor.get(group_key)
         edited = value or _EMPTY_GROUP
-        for slot, entry in by_group[group]:
-            block = group << GROUP_BITS | slot
+        while at < count and blocks[at] >> GROUP_BITS == group:
+            block = blocks[at]
+            entry = changes[block]
+            record = None if entry is None else entry.pack()
             if block in unread:
-                replaced[block] = _entry_in(value, slot)
-            edited = _with_record(edited, slot, None if entry is None else entry.pack())
+                replaced[block], edited = _replace_record(edited, block & _SLOT_MASK, record)
+            else:
+                edited = _with_record(edited, block & _SLOT_MASK, record)
+            at += 1
         if edited != _EMPTY_GROUP:
             cursor.put(group_key, edited)
         elif value is not None:
@@ -456,6 +465,23 @@ def _apply(txn: lmdb.Transaction, db, changes: Mapping[int, Entry | None],
 
 
 _EMPTY_GROUP = _BITMAP.pack(0)
+
+
+def _replace_record(group: bytes, slot: int, record: bytes | None) -> tuple[Entry | None, bytes]:
+    """:func:`_entry_in` and :func:`_with_record` of one slot in one call: the slot's
+    entry, if it has one, and ``group`` with its record replaced (``None``: removed)."""
+    bitmap = group[0] | group[1] << 8  # _BITMAP, little-endian
+    bit = 1 << slot
+    start = _BITMAP_SIZE + (bitmap & (bit - 1)).bit_count() * _RECORD_SIZE
+    if bitmap & bit:
+        end = start + _RECORD_SIZE
+        old = _unpack_entry(group, start)
+        if record is None:
+            return old, _BITMAP.pack(bitmap & ~bit) + group[_BITMAP_SIZE:start] + group[end:]
+        return old, group[:start] + record + group[end:]
+    if record is None:
+        return None, group
+    return None, _BITMAP.pack(bitmap | bit) + group[_BITMAP_SIZE:start] + record + group[start:]
 
 
 def _with_record(group: bytes, slot: int, record: bytes | None) -> bytes:

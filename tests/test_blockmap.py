@@ -175,11 +175,15 @@ changes = st.dictionaries(st.integers(0, 3 * GROUP_SIZE + 2), st.none() | entrie
 @given(st.lists(st.tuples(changes, changes), max_size=8))
 def test_grouped_entries_behave_like_a_dict_per_block(tmp_path_factory, commits):
     """Commits that touch blocks inside, across and at the edges of groups read back
-    exactly as a plain dict of blocks would, through every accessor."""
+    exactly as a plain dict of blocks would, through every accessor, and return the
+    entries they replaced of the unread blocks (some of a group's blocks unread, some
+    not, so that both ways of editing a group meet in one)."""
     blockmap = BlockMap.create(tmp_path_factory.mktemp("map") / "map.lmdb", 1 << 30)
     model, backing_model = {}, {}
     for block_changes, backing_changes in commits:
-        blockmap.commit(block_changes, backing_changes)
+        unread = {block for block in block_changes if block % 3}
+        replaced = blockmap.commit(block_changes, backing_changes, unread)
+        assert replaced == {block: model.get(block) for block in unread}
         for target, applied in ((model, block_changes), (backing_model, backing_changes)):
             for block, entry in applied.items():
                 if entry is None:

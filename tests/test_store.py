@@ -38,6 +38,16 @@ KINDS = ("random", "text", "zero", "same")
 WORDS = [b"swap", b"page", b"kernel", b"anon", b"memory", b"\x00\x00\x00\x00", b"0123456789", b"nbd"]
 
 
+def fail_map_commits(monkeypatch, error: Exception) -> None:
+    """Make the map's commits raise ``error`` from inside the real transaction, where a
+    group's record is replaced."""
+    def fail(*args):
+        raise error
+
+    monkeypatch.setattr(blockmap_module, "_with_record", fail)
+    monkeypatch.setattr(blockmap_module, "_replace_record", fail)
+
+
 def make_data(kind: str, seed: int, length: int) -> bytes:
     """``length`` bytes of one content kind, reproducible from ``seed``."""
     rng = random.Random(seed)
@@ -522,10 +532,7 @@ async def test_the_writes_of_one_batch_are_answered_at_its_commit_in_order(state
     assert _simple_replies(connection) == [(1, 0), (2, 0), (3, 0)]
     assert [request.cookie for request in done] == [1, 2, 3]
 
-    def fail(group, slot, record):
-        raise lmdb.DiskError("disk full")
-
-    monkeypatch.setattr(blockmap_module, "_with_record", fail)
+    fail_map_commits(monkeypatch, lmdb.DiskError("disk full"))
     _submit_writes(device, connection, [(cookie, cookie - 4, new[(cookie - 4) * BLOCK_SIZE:(cookie - 3) * BLOCK_SIZE])
                                         for cookie in (4, 5)], done.append)
     await asyncio.sleep(0)
@@ -858,10 +865,7 @@ async def test_failed_commit_rolls_back(state_dir, monkeypatch, error):
     await store.write(0, old)
     before = store.stats()
 
-    def fail(*args):
-        raise error
-
-    monkeypatch.setattr(blockmap_module, "_with_record", fail)  # inside the real commit
+    fail_map_commits(monkeypatch, error)
     with pytest.raises(StoreError, match="commit failed"):
         # Blocks 0 and 1 are staged without their committed entries, then staged again
         # over the staged ones: the rollback reads the committed ones from the map.
@@ -889,15 +893,12 @@ async def test_a_failed_commit_whose_old_entry_cannot_be_read_keeps_it(state_dir
     before = store.stats()
     get = store._map.get
 
-    def fail(*args):
-        raise lmdb.DiskError("disk full")
-
     def unreadable(block):
         if block == 0:
             raise RuntimeError("not an LMDB error")
         return get(block)
 
-    monkeypatch.setattr(blockmap_module, "_with_record", fail)
+    fail_map_commits(monkeypatch, lmdb.DiskError("disk full"))
     monkeypatch.setattr(store._map, "get", unreadable)
     with pytest.raises(StoreError, match="commit failed"):
         async with asyncio.timeout(60):  # a hang, as any error but LMDB's once made, fails
