@@ -441,6 +441,26 @@ def test_write_waits_for_its_whole_payload():
     assert event.data == b"z" * 4096 and event.fua
 
 
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+def test_chunks_cut_anywhere_give_the_same_requests_whatever_the_caller_does_after(kind):
+    """A chunk is parsed where it is when nothing was left over, and what a chunk leaves
+    over is kept apart from it: cutting the stream anywhere, and the caller reusing its
+    buffer once receive_data returns (as a bytearray or a view of one allows), change
+    nothing."""
+    conn = in_transmission()
+    pages = [bytes([cookie]) * 4096 for cookie in range(6)]
+    stream = b"".join(request(1, offset=cookie * 4096, length=4096, cookie=cookie, payload=page)
+                      for cookie, page in enumerate(pages))
+    cuts = [0, 4124, 4124 + 28, 3 * 4124 - 5, 3 * 4124 + 1000, 6 * 4124]  # whole, header, inside
+    received = []
+    for start, end in zip(cuts, cuts[1:]):
+        chunk = bytearray(stream[start:end])
+        conn.receive_data(chunk if kind is bytearray else memoryview(chunk) if kind is memoryview else bytes(chunk))
+        chunk[:] = bytes(len(chunk))  # the caller's buffer, reused
+        received += events(conn)
+    assert [(event.cookie, event.data) for event in received] == list(enumerate(pages))
+
+
 def test_pipelined_requests_in_one_chunk():
     conn = in_transmission()
     conn.receive_data(b"".join(request(0, offset=i * 512, length=512, cookie=i) for i in range(128)))
