@@ -17,12 +17,12 @@ swap-outs do.  Not counted: the kernel (receiving the data, LMDB's ``pwrite`` ca
 sending replies) and uvloop's socket I/O.
 
 fio's randwrite at QD32 over one connection does not hand the server 32 writes at a
-time: its commits held about 16 writes on average (18.5 with its prefill, counted in
-the server), as two halves of the queue take turns.  ``--per-chunk 16 --blocks 65536``
-is closer to ``bench/fio_compare.py``'s job (256 MiB of random blocks, whose groups
-spread over eight times as many map pages), and a change to the map's commit can count
-differently there (bench/RESULTS.md); the defaults stay, for counts comparable with
-earlier ones.
+time: its commits held 18.5 writes on average with its prefill (counted in the server),
+about 16 without it (derived), likely as two halves of the queue take turns.
+``--per-chunk 16 --blocks 65536`` is closer to ``bench/fio_compare.py``'s job (256 MiB
+of random blocks, whose groups spread over eight times as many map pages), and a change
+to the map's commit can count differently there (bench/RESULTS.md); the defaults stay,
+for counts comparable with earlier ones.
 
 It runs itself twice under ``valgrind --tool=callgrind``: once building and feeding the
 requests, once building them and turning the loop as often without feeding them; the
