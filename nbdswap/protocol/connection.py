@@ -661,7 +661,7 @@ class ServerConnection:
         start = self._pos + _REQUEST_HEADER_SIZE
         # _take(length), without the call (0.6k instructions).  Appending each chunk to
         # a bytearray and copying payloads out through a view cost 6.5k instructions of
-        # a write (bench/write_instructions.py; callgrind counts every byte copied).
+        # a write (bench/write_instructions.py, whose count includes the copies').
         if carries_payload:
             buffered = self._in
             data = buffered[start:start + length] if type(buffered) is bytes \
