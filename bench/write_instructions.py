@@ -127,8 +127,7 @@ def _replied_ok(sent: list[bytes], writes: int) -> int:
     return len(cookies)
 
 
-async def run_path(writes: int, feed: bool, check_replies: bool, per_chunk: int = REQUESTS_PER_CHUNK,
-                   prefilled: int = PREFILLED_BLOCKS) -> None:
+async def run_path(writes: int, feed: bool, check_replies: bool, per_chunk: int, prefilled: int) -> None:
     """Build ``writes`` requests and, with ``feed``, serve them; the run without
     ``feed`` makes the same loop turns.  Each write's reply is checked with
     ``check_replies`` (outside valgrind: decoding them costs a write 2k instructions),
@@ -164,7 +163,7 @@ async def _serve(store, writes: int, feed: bool, per_chunk: int, prefilled: int)
     from nbdswap.device import BlockDevice
     from nbdswap.server import NBDConnection, NBDServer
 
-    device = BlockDevice(store, "swap", _export_size(prefilled))
+    device = BlockDevice(store, "swap", store.size)
     connection, transport = NBDConnection(NBDServer(device)), CountingTransport()
     connection.connection_made(transport)
     connection.data_received(struct.pack(">I", ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES))
