@@ -436,9 +436,9 @@ def _apply(txn: lmdb.Transaction, db, changes: Mapping[int, Entry | None],
     write, callgrind).  Returns the entries replaced of the blocks in ``unread``.
 
     A group's changes are the run of sorted blocks in it, so that no dict of lists is
-    built per commit; an unread block's old record is read where it is replaced, by one
-    call (a block is changed once, so edits of the group's other slots before it only
-    move its record)."""
+    built per commit; an unread block's old record is read where it is replaced, without
+    locating it again (a block is changed once, so edits of the group's other slots
+    before it only move its record)."""
     cursor = txn.cursor(db)
     replaced: dict[int, Entry | None] = {}
     blocks = sorted(changes)
@@ -452,10 +452,10 @@ def _apply(txn: lmdb.Transaction, db, changes: Mapping[int, Entry | None],
             block = blocks[at]
             entry = changes[block]
             record = None if entry is None else entry.pack()
+            old_at, new_group = _edit_record(edited, block & _SLOT_MASK, record)
             if block in unread:
-                replaced[block], edited = _replace_record(edited, block & _SLOT_MASK, record)
-            else:
-                edited = _with_record(edited, block & _SLOT_MASK, record)
+                replaced[block] = None if old_at < 0 else _unpack_entry(edited, old_at)
+            edited = new_group
             at += 1
         if edited != _EMPTY_GROUP:
             cursor.put(group_key, edited)
@@ -467,37 +467,22 @@ def _apply(txn: lmdb.Transaction, db, changes: Mapping[int, Entry | None],
 _EMPTY_GROUP = _BITMAP.pack(0)
 
 
-def _replace_record(group: bytes, slot: int, record: bytes | None) -> tuple[Entry | None, bytes]:
-    """:func:`_entry_in` and :func:`_with_record` of one slot in one call: the slot's
-    entry, if it has one, and ``group`` with its record replaced (``None``: removed)."""
+def _edit_record(group: bytes, slot: int, record: bytes | None) -> tuple[int, bytes]:
+    """Where ``slot``'s record starts in ``group`` (-1: it has none), and ``group`` with
+    it replaced, added or (``None``) removed, edited as bytes: decoding the group's
+    entries for every change doubled a commit's cost.  The caller decodes the old record
+    only when it needs the old entry (:func:`_apply`, for an unread block)."""
     bitmap = group[0] | group[1] << 8  # _BITMAP, little-endian
     bit = 1 << slot
     start = _BITMAP_SIZE + (bitmap & (bit - 1)).bit_count() * _RECORD_SIZE
     if bitmap & bit:
         end = start + _RECORD_SIZE
-        old = _unpack_entry(group, start)
         if record is None:
-            return old, _BITMAP.pack(bitmap & ~bit) + group[_BITMAP_SIZE:start] + group[end:]
-        return old, group[:start] + record + group[end:]
+            return start, _BITMAP.pack(bitmap & ~bit) + group[_BITMAP_SIZE:start] + group[end:]
+        return start, group[:start] + record + group[end:]
     if record is None:
-        return None, group
-    return None, _BITMAP.pack(bitmap | bit) + group[_BITMAP_SIZE:start] + record + group[start:]
-
-
-def _with_record(group: bytes, slot: int, record: bytes | None) -> bytes:
-    """``group`` with ``slot``'s record replaced, added or (``None``) removed, edited as
-    bytes: decoding the group's entries for every change doubled a commit's cost."""
-    bitmap = _BITMAP.unpack_from(group)[0]
-    bit = 1 << slot
-    start = _BITMAP_SIZE + (bitmap & (bit - 1)).bit_count() * _RECORD_SIZE
-    if bitmap & bit:
-        end = start + _RECORD_SIZE
-        if record is None:
-            return _BITMAP.pack(bitmap & ~bit) + group[_BITMAP_SIZE:start] + group[end:]
-        return group[:start] + record + group[end:]
-    if record is None:
-        return group
-    return _BITMAP.pack(bitmap | bit) + group[_BITMAP_SIZE:start] + record + group[start:]
+        return -1, group
+    return -1, _BITMAP.pack(bitmap | bit) + group[_BITMAP_SIZE:start] + record + group[start:]
 
 
 def _convert_to_groups(env: lmdb.Environment, meta) -> None:

@@ -44,8 +44,7 @@ def fail_map_commits(monkeypatch, error: Exception) -> None:
     def fail(*args):
         raise error
 
-    monkeypatch.setattr(blockmap_module, "_with_record", fail)
-    monkeypatch.setattr(blockmap_module, "_replace_record", fail)
+    monkeypatch.setattr(blockmap_module, "_edit_record", fail)
 
 
 def make_data(kind: str, seed: int, length: int) -> bytes:
