@@ -322,11 +322,9 @@ class ServerConnection:
         if data:
             if not self._in and type(data) is bytes:
                 self._in = data  # parsed where it is, not copied (see _parse_request)
-            elif type(self._in) is bytes:
-                buffered = bytearray(self._in)
-                buffered += data
-                self._in = buffered
             else:
+                if type(self._in) is bytes:
+                    self._in = bytearray(self._in)
                 self._in += data
         if self._state is _STARTING_TLS:
             self._hold_until_tls()
@@ -437,7 +435,7 @@ class ServerConnection:
             if not progressed:
                 break
         if self._pos:
-            self._in = self._in[self._pos:] if self._pos < len(self._in) else b""
+            self._in = self._in[self._pos:]  # empty, the next chunk is parsed where it is
             self._pos = 0
 
     def _close(self, violation: str | None = None) -> None:
