@@ -999,15 +999,15 @@ class Store:
 
     def _place_now(self, encoded: Encoded) -> Entry | None:
         """:meth:`_store_page` of an encoded page without awaiting, or ``None`` (nothing
-        stored) when the tier the page goes to must be awaited (the remote tier).  The
-        tiers are tried in a plain loop: a generator of the tiers with room cost 4k
-        instructions of a RAM write's 211k (callgrind)."""
+        stored) when the tier the page goes to must be awaited (the remote tier, whose
+        :meth:`~nbdswap.tiers.Tier.put_now` refuses every page).  The tiers are tried in
+        a plain loop: a generator of the tiers with room cost 4k instructions of a RAM
+        write's 211k (callgrind).  A slab tier's ``put_now`` refuses a page it has no
+        room for before it allocates anything, so ``has_room`` is not asked first."""
         if encoded.kind <= _SAME_FILLED_KIND:  # or ZERO: no tier data
             return _unstored_entry(encoded)
         length = len(encoded.payload)
         for tier in self._placements[length > self.ram_payload_limit]:  # _placement_for(length)
-            if not tier.has_room(length):
-                continue
             try:
                 addr = tier.put_now(encoded.payload)
             except NoSpaceError:

@@ -80,6 +80,16 @@ class RamTier(SlabTier):
         spanned = slot_size(nbytes, large=True) // PAGE + 2  # a slot need not start on a page
         return self._reserved_pages + spanned <= self._memory_pages
 
+    def put_now(self, data: bytes) -> int:
+        """:meth:`SlabTier.put_now`, refusing a page whose new slab the tier's memory
+        has no room for before anything is allocated (the store does not ask
+        :meth:`has_room` first: one comparison here while memory is left is cheaper)."""
+        length = len(data)
+        if self._reserved_pages + PAGES_PER_SLAB > self._memory_pages and length <= MAX_PAYLOAD \
+                and not self.allocator.has_partial(length):
+            raise NoSpaceError("the RAM tier's memory is all in use")
+        return self._fill(self.allocator.alloc(length), data)
+
     def _write(self, addr: int, data: bytes) -> None:
         if len(data) > MAX_PAYLOAD:
             self._reserve(addr, slot_size(len(data), large=True))
