@@ -13,6 +13,7 @@ from nbdswap.errors import NoSpaceError, StoreError
 from nbdswap.tiers.disk import DISK_FILE, DiskTier
 from nbdswap.tiers.ram import RamTier, arena_path
 from nbdswap.tiers.slab import (
+    FULLNESS_GROUPS,
     GRANULE,
     HEADER_SIZE,
     SLAB_SIZE,
@@ -51,6 +52,21 @@ def _slot(addr, length):
     return addr, addr + size_class(length) * GRANULE
 
 
+def assert_filed_by_fullness(allocator: SlabAllocator) -> None:
+    """Each partly used slab is in the fullness group of its use count, and only there;
+    a full slab is in none."""
+    filed = []
+    for cls, groups in enumerate(allocator._partial):
+        for index, group in enumerate(groups):
+            for slab in group:
+                assert allocator._classes[slab] == cls
+                assert allocator._used[slab] * FULLNESS_GROUPS // slots_per_slab(cls) == index
+            filed.extend(group)
+    partly_used = [slab for slab in allocator._slots
+                   if allocator._used[slab] < slots_per_slab(allocator._classes[slab])]
+    assert sorted(filed) == sorted(partly_used)
+
+
 class AllocatorMachine(RuleBasedStateMachine):
     """Random allocs, frees and rebuilds never hand out overlapping slots."""
 
@@ -83,6 +99,18 @@ class AllocatorMachine(RuleBasedStateMachine):
             return
         self.allocator.free(addr, self.live.pop(addr))
 
+    @rule(target=payloads, addr=consumes(payloads))
+    def move_out_of_a_sparse_slab(self, addr):
+        if addr is None:
+            return None
+        length = self.live[addr]
+        moved = self.allocator.alloc_fuller(length, addr)
+        if moved is None:
+            return addr
+        self.allocator.free(addr, self.live.pop(addr))
+        self.live[moved] = length
+        return moved
+
     @rule()
     def rebuild(self):
         rebuilt = self._new_allocator()
@@ -106,6 +134,10 @@ class AllocatorMachine(RuleBasedStateMachine):
         for start, end in slots:
             assert start // SLAB_SIZE == (end - 1) // SLAB_SIZE  # never straddles a slab
             assert end <= self.CAPACITY
+
+    @invariant()
+    def partly_used_slabs_are_in_the_group_of_their_fullness(self):
+        assert_filed_by_fullness(self.allocator)
 
     @invariant()
     def counters_match(self):
@@ -273,6 +305,18 @@ async def test_full_tier_raises_no_space(tier_class, state_dir):
     assert not tier.has_room(4096)
     with pytest.raises(NoSpaceError):
         await tier.put(bytes(4096))
+    tier.close()
+
+
+def test_ram_refuses_a_page_its_memory_has_no_new_slab_for_before_allocating(state_dir, monkeypatch):
+    """The store puts written pages without asking has_room first."""
+    tier = RamTier.open(state_dir, SLAB_SIZE, None)  # memory for one slab, addresses for more
+    for _ in range(15):
+        tier.put_now(bytes(4096))
+    monkeypatch.setattr(tier.allocator, "_new_slab", lambda cls: pytest.fail("a new slab was taken"))
+    with pytest.raises(NoSpaceError):
+        tier.put_now(bytes(100))  # another class: it would need a new slab
+    tier.put_now(bytes(4096))  # the partly used slab still takes its class
     tier.close()
 
 
@@ -486,5 +530,6 @@ def test_sparse_slabs_empty_into_the_fullest_one_and_nothing_moves_back():
         new = allocator.alloc_fuller(4096, addr)
         assert new // SLAB_SIZE == slabs[1][0] // SLAB_SIZE
         allocator.free(addr, 4096)
+        assert_filed_by_fullness(allocator)
     assert allocator.slab_bytes == SLAB_SIZE and allocator.blocks == 11
     assert not allocator.in_sparse_slab(slabs[1][0], 4096)  # alone in its class

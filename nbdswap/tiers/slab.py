@@ -209,11 +209,18 @@ class SlabAllocator:
         return self._alloc_in(slab, cls, length)
 
     def _alloc_in(self, slab: int, cls: int, length: int) -> int:
-        """A free slot of ``slab``, a slab of class ``cls`` with one."""
+        """A free slot of ``slab``, a slab of class ``cls`` with one that is in no
+        fullness group (:meth:`alloc` popped it, or it is new); the slab joins the
+        group of its new fullness unless it is full."""
         slots = self._slots[slab]
         slot = slots.find(0)
         slots[slot] = 1
-        self._account(slab, cls, length, 1)
+        self.blocks += 1
+        self.stored_bytes += length
+        self.used_bytes += _SLOT_BYTES[cls]
+        used = self._used[slab] + 1
+        self._used[slab] = used
+        self._file(slab, cls, used)
         return slab * SLAB_SIZE + slot * _SLOT_BYTES[cls]
 
     def free(self, addr: int, length: int) -> None:
@@ -226,7 +233,17 @@ class SlabAllocator:
         if not slots[slot]:
             raise ValueError(f"double free of address {addr}")
         slots[slot] = 0
-        self._account(slab, cls, length, -1)
+        self.blocks -= 1
+        self.stored_bytes -= length
+        self.used_bytes -= _SLOT_BYTES[cls]
+        before = self._used[slab]
+        self._used[slab] = before - 1
+        if before < _SLOTS_PER_SLAB[cls]:  # it was partly used: in the group of its fullness
+            self._partial[cls][before * FULLNESS_GROUPS // _SLOTS_PER_SLAB[cls]].discard(slab)
+        if before == 1:
+            self._release(slab)
+        else:
+            self._file(slab, cls, before - 1)
 
     def mark_used(self, addr: int, length: int) -> None:
         """Record an existing payload (start-up rebuild from the block map).  The slabs
@@ -241,7 +258,7 @@ class SlabAllocator:
         if slots[slot]:
             raise ValueError(f"address {addr} is recorded twice")
         slots[slot] = 1
-        self._used[slab] += 1  # _account's counting, without its groups
+        self._used[slab] += 1  # counted as _alloc_in does, without its groups
         self.blocks += 1
         self.stored_bytes += length
         self.used_bytes += _SLOT_BYTES[cls]
@@ -262,7 +279,7 @@ class SlabAllocator:
             for group in groups:
                 group.clear()
         for slab in self._slots:
-            self._account(slab, self._classes[slab], 0, 0)
+            self._file(slab, self._classes[slab], self._used[slab])
 
     def in_sparse_slab(self, addr: int, length: int) -> bool:
         """Whether the payload at ``addr`` lies in a slab worth emptying, as zsmalloc
@@ -288,29 +305,21 @@ class SlabAllocator:
         target = max(fullest, key=rank)
         if rank(target) <= rank(addr // SLAB_SIZE):
             return None
+        fullest.discard(target)
         return self._alloc_in(target, cls, length)
 
     def _rank(self, slab: int) -> tuple[int, int]:
         return self._used[slab], -slab
 
-    def _account(self, slab: int, cls: int, length: int, sign: int) -> None:
-        """Count a payload of ``length`` bytes in (``sign`` 1) or out (-1) of ``slab``, a
-        slab of class ``cls``, keeping the slab's fullness group (or releasing it).
-        ``sign`` 0 only files the slab into its group (see :meth:`finish_marking`)."""
-        self.blocks += sign
-        self.stored_bytes += sign * length
-        self.used_bytes += sign * _SLOT_BYTES[cls]
-        slots = _SLOTS_PER_SLAB[cls]
-        before = self._used[slab]
-        used = before + sign
-        self._used[slab] = used
-        groups = self._partial[cls]
-        if 0 < before < slots:
-            groups[before * FULLNESS_GROUPS // slots].discard(slab)
-        if used == 0:
-            self._release(slab)
-        elif used < slots and slab + _SLAB_SLABS[cls] <= self.slab_limit:
-            groups[used * FULLNESS_GROUPS // slots].add(slab)
+    def _file(self, slab: int, cls: int, used: int) -> None:
+        """Put ``slab``, of class ``cls`` with ``used`` slots in use, into the fullness
+        group it belongs to, unless it is full or beyond the limit (such a slab only
+        drains).  :meth:`_alloc_in` and :meth:`free` count the slot in or out
+        themselves: one call with a sign for both cost 1.6k instructions a write more
+        (bench/write_instructions.py)."""
+        per_slab = _SLOTS_PER_SLAB[cls]
+        if used < per_slab and slab + _SLAB_SLABS[cls] <= self.slab_limit:
+            self._partial[cls][used * FULLNESS_GROUPS // per_slab].add(slab)
 
     def _find_free_slab(self, span: int = 1) -> int:
         """A free slab (or the first of ``span`` free, aligned ones) below the limit, or -1."""
