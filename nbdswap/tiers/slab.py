@@ -89,9 +89,9 @@ def size_class(length: int, large: bool = False) -> int:
     """The class index of a payload: 1..CLASS_COUNT (slots of ``index*GRANULE``) or, with
     ``large``, a large class above CLASS_COUNT for 4097..MAX_LARGE_PAYLOAD bytes.
 
-    :meth:`SlabAllocator.has_room`, ``alloc`` and ``free``, which every written page
-    passes, inline its first case and call it for the rest (the three calls were 1.2k
-    instructions of a write's 150k, bench/write_instructions.py)."""
+    :meth:`SlabAllocator.alloc` and ``free``, which every written page passes, look its
+    first case up in :data:`_CLASS_BY_LENGTH` and call it for the rest (the calls were
+    1.2k instructions of a write's 150k, bench/write_instructions.py)."""
     if 0 < length <= MAX_PAYLOAD:
         return _CLASS_OF[(length + GRANULE - 1) // GRANULE]
     if large and MAX_PAYLOAD < length <= MAX_LARGE_PAYLOAD:
@@ -124,6 +124,8 @@ def slots_per_slab(cls: int) -> int:
 _SLOT_BYTES = tuple(slot_bytes(cls) for cls in range(LAST_CLASS + 1))
 _SLAB_SLABS = tuple(slab_slabs(cls) for cls in range(LAST_CLASS + 1))
 _SLOTS_PER_SLAB = (0, *(slots_per_slab(cls) for cls in range(1, LAST_CLASS + 1)))
+#: :func:`size_class` of every payload length up to MAX_PAYLOAD (0 for 0, which it refuses).
+_CLASS_BY_LENGTH = (0, *(size_class(length) for length in range(1, MAX_PAYLOAD + 1)))
 
 
 def _slot_of(addr: int, cls: int) -> tuple[int, int]:
@@ -187,8 +189,7 @@ class SlabAllocator:
         return self._slabs_in_use * SLAB_SIZE
 
     def has_room(self, length: int) -> bool:
-        cls = (_CLASS_OF[(length + GRANULE - 1) // GRANULE] if 0 < length <= MAX_PAYLOAD
-               else size_class(length, self.large))
+        cls = size_class(length, self.large)
         return any(self._partial[cls]) or self._find_free_slab(slab_slabs(cls)) >= 0
 
     def has_partial(self, length: int) -> bool:
@@ -198,7 +199,7 @@ class SlabAllocator:
     def alloc(self, length: int) -> int:
         """Reserve a slot for a payload of ``length`` bytes and return its address: in the
         fullest partly used slab of its class, else in a new one."""
-        cls = (_CLASS_OF[(length + GRANULE - 1) // GRANULE] if 0 < length <= MAX_PAYLOAD
+        cls = (_CLASS_BY_LENGTH[length] if 0 < length <= MAX_PAYLOAD
                else size_class(length, self.large))
         for group in reversed(self._partial[cls]):
             if group:
@@ -224,7 +225,7 @@ class SlabAllocator:
         return slab * SLAB_SIZE + slot * _SLOT_BYTES[cls]
 
     def free(self, addr: int, length: int) -> None:
-        cls = (_CLASS_OF[(length + GRANULE - 1) // GRANULE] if 0 < length <= MAX_PAYLOAD
+        cls = (_CLASS_BY_LENGTH[length] if 0 < length <= MAX_PAYLOAD
                else size_class(length, self.large))
         slab, slot = _slot_of(addr, cls)
         slots = self._slots.get(slab)
