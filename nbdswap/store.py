@@ -156,6 +156,9 @@ REGROUP_MIN_SAVING = 0.03
 #: written page compares its kind with these.
 _ZERO_KIND, _SAME_FILLED_KIND, _COMPRESSED_KIND = PageKind.ZERO, PageKind.SAME_FILLED, PageKind.COMPRESSED
 
+#: Builds an :class:`Entry` from a tuple (see :func:`_stored_entry`).
+_new_tuple = tuple.__new__
+
 #: The flags that put an entry into a count of its own besides ``mapped`` (:meth:`Store._count`).
 _COUNTED_FLAGS = SAME_FILLED | LOST
 
@@ -177,7 +180,7 @@ class _Batch:
         self.unread: set[int] = set()
         self.backing: dict[int, Entry | None] = {}  # clean-copy changes
         self.backing_base: dict[int, Entry | None] = {}
-        self.replaced: list[tuple[int, Entry]] = []  # stored entries to free after the commit
+        self.replaced: list[Entry] = []  # stored entries to free after the commit
         self.waiters: list[asyncio.Future] = []
         self.callbacks: list[Callable[[str | None], None]] = []  # see Store.when_committed
         self.done = False
@@ -1200,7 +1203,7 @@ class Store:
         batch.changes[block] = entry
         self.block_tiers[block] = TIER_NONE if entry is None else entry.tier
         if _frees(old, entry, backing):
-            batch.replaced.append((block, old))
+            batch.replaced.append(old)
         self._hold(block, entry)
         if old_backing is not None or backing is not None:
             self._replace_backing(batch, block, old_backing, entry, backing)
@@ -1216,7 +1219,7 @@ class Store:
         self._count_backing(old_backing, -1)
         self._count_backing(backing, 1)
         if _frees(old_backing, entry, backing):
-            batch.replaced.append((block, old_backing))
+            batch.replaced.append(old_backing)
         self._hold(block, backing)
 
     def _new_batch(self) -> _Batch:
@@ -1240,7 +1243,7 @@ class Store:
         self._count_out_unread(batch, committed)
         for block, backing in batch.backing.items():
             self._may_have_backing[block] = backing is not None
-        for _, entry in batch.replaced:
+        for entry in batch.replaced:
             self._free_slot(entry)
         batch.finish(None)
 
@@ -1259,7 +1262,7 @@ class Store:
             self._recount(old, changes[block])
             # old.is_stored, without the property's call (0.8k instructions a write)
             if old is not None and old.tier != TIER_NONE and not old.flags & LOST:
-                batch.replaced.append((block, old))
+                batch.replaced.append(old)
 
     def _committed_entries(self, blocks: Iterable[int]) -> dict[int, Entry | None]:
         """The committed entries of ``blocks``, after a commit that failed (and so left
@@ -1292,7 +1295,7 @@ class Store:
         bases = [entry for entry in (*batch.base.values(), *batch.backing_base.values())
                  if entry is not None and entry.is_stored]
         filled = [entry for entry in (*batch.changes.values(), *batch.backing.values(),
-                                      *(entry for _, entry in batch.replaced)) if entry is not None and entry.is_stored]
+                                      *batch.replaced) if entry is not None and entry.is_stored]
         committed = {_slot(entry) for entry in bases}
         for entry in {_slot(entry): entry for entry in filled if not entry.flags & GROUPED}.values():
             if _slot(entry) not in committed:
@@ -1462,8 +1465,8 @@ def _stored_entry(tier: Tier, encoded: Encoded, addr: int) -> Entry:
     """The entry of a payload stored at ``addr``, built with ``tuple.__new__`` as
     blockmap's decoder does (NamedTuple's Python-level ``__new__``: 1.2k instructions
     more per stored page, callgrind)."""
-    flags = COMPRESSED if encoded.kind == _COMPRESSED_KIND else 0
-    return tuple.__new__(Entry, (tier.tier_id, flags, len(encoded.payload), encoded.checksum, addr))
+    kind, payload, _, checksum = encoded
+    return _new_tuple(Entry, (tier.tier_id, COMPRESSED if kind == _COMPRESSED_KIND else 0, len(payload), checksum, addr))
 
 
 def _split(offset: int, length: int) -> Iterator[tuple[int, int, int]]:
