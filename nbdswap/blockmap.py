@@ -33,6 +33,7 @@ from __future__ import annotations
 import struct
 import uuid
 from collections.abc import Container, Iterator, Mapping
+from itertools import groupby
 from pathlib import Path
 from typing import NamedTuple
 
@@ -52,6 +53,8 @@ GROUP_BITS = 4
 #: Blocks per LMDB record (the bitmap of a group is 16 bits wide).
 GROUP_SIZE = 1 << GROUP_BITS
 _SLOT_MASK = GROUP_SIZE - 1
+#: A block's group number, as a C-level callable for ``itertools.groupby``.
+_group_of = GROUP_BITS.__rrshift__
 
 TIER_NONE = 0
 TIER_RAM = 1
@@ -441,22 +444,17 @@ def _apply(txn: lmdb.Transaction, db, changes: Mapping[int, Entry | None],
     before it only move its record)."""
     cursor = txn.cursor(db)
     replaced: dict[int, Entry | None] = {}
-    blocks = sorted(changes)
-    at, count = 0, len(blocks)
-    while at < count:
-        group = blocks[at] >> GROUP_BITS
+    for group, blocks in groupby(sorted(changes), _group_of):
         group_key = group.to_bytes(_KEY_BYTES, "big")  # key(group), without the call
         value = cursor.get(group_key)
         edited = value or _EMPTY_GROUP
-        while at < count and blocks[at] >> GROUP_BITS == group:
-            block = blocks[at]
+        for block in blocks:
             entry = changes[block]
             record = None if entry is None else entry.pack()
             old_at, new_group = _edit_record(edited, block & _SLOT_MASK, record)
             if block in unread:
                 replaced[block] = None if old_at < 0 else _unpack_entry(edited, old_at)
             edited = new_group
-            at += 1
         if edited != _EMPTY_GROUP:
             cursor.put(group_key, edited)
         elif value is not None:
