@@ -124,8 +124,7 @@ class NBDConnection(asyncio.Protocol):
         self.peer_key = ""
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._tls_task: asyncio.Task | None = None
-        self.idle = asyncio.Event()
-        self.idle.set()
+        self._idle_waiters: list[asyncio.Future] = []  # see wait_idle()
         self.closed = asyncio.Event()
 
     # --- asyncio callbacks -------------------------------------------------------
@@ -236,8 +235,6 @@ class NBDConnection(asyncio.Protocol):
         to pause, and only when over budget: :meth:`_update_reading` is called just
         then, sparing every other request a call."""
         self._in_flight_bytes += request.payload_size
-        if not self._pending:
-            self.idle.clear()
         self._pending += 1
         coroutine = self._device.submit(request, self._protocol, self._finished)
         if coroutine is not None:
@@ -288,13 +285,28 @@ class NBDConnection(asyncio.Protocol):
         then): reads answered at once would otherwise escape the budget."""
         self._pending -= 1
         self._answered_bytes += request.payload_size
-        if not self._pending:
-            self.idle.set()
+        if not self._pending and self._idle_waiters:
+            self._wake_idle_waiters()
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
         if self._closing:
             self._close_when_idle()
+
+    async def wait_idle(self) -> None:
+        """Return once no request of this connection is pending.  Only a shutdown waits
+        for that, so nothing is kept up to date per request: an ``asyncio.Event`` set and
+        cleared around every RAM read answered at once cost 17 of its 758 bytecodes."""
+        if self._pending:
+            waiter = self._loop.create_future()
+            self._idle_waiters.append(waiter)
+            await waiter
+
+    def _wake_idle_waiters(self) -> None:
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     # --- output and flow control ------------------------------------------------
 
@@ -447,7 +459,7 @@ class NBDServer:
         for connection in list(self.connections):
             connection.close()
         for connection in list(self.connections):
-            await connection.idle.wait()
+            await connection.wait_idle()
         closed = [asyncio.create_task(connection.closed.wait()) for connection in self.connections]
         if closed:
             await asyncio.wait(closed, timeout=self.policy.shutdown_linger)
