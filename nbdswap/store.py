@@ -1005,8 +1005,9 @@ class Store:
         stored) when the tier the page goes to must be awaited (the remote tier, whose
         :meth:`~nbdswap.tiers.Tier.put_now` refuses every page).  The tiers are tried in
         a plain loop: a generator of the tiers with room cost 4k instructions of a RAM
-        write's 211k (callgrind).  A slab tier's ``put_now`` refuses a page it has no
-        room for before it allocates anything, so ``has_room`` is not asked first."""
+        write's 211k (callgrind).  ``has_room`` is asked only of a tier that must be
+        awaited: a slab tier's ``put_now`` raises NoSpaceError when it has no room, and
+        a full RAM tier does so before it allocates anything."""
         if encoded.kind <= _SAME_FILLED_KIND:  # or ZERO: no tier data
             return _unstored_entry(encoded)
         length = len(encoded.payload)
@@ -1015,7 +1016,10 @@ class Store:
                 addr = tier.put_now(encoded.payload)
             except NoSpaceError:
                 continue
-            return None if addr is None else _stored_entry(tier, encoded, addr)
+            if addr is not None:
+                return _stored_entry(tier, encoded, addr)
+            if tier.has_room(length):  # a remote tier that is up and has room
+                return None
         raise NoSpaceError("every reachable tier is full")
 
     def _discard_all(self, entries: list[Entry]) -> None:

@@ -10,7 +10,7 @@ import time
 import pytest
 from redis.crc import key_slot
 
-from nbdswap.blockmap import GROUPED, TIER_DISK, TIER_REMOTE
+from nbdswap.blockmap import GROUPED, TIER_DISK, TIER_RAM, TIER_REMOTE
 from nbdswap.codec import encode
 from nbdswap.config import ConfigError, ServeConfig
 from nbdswap.errors import CorruptBlockError, NoSpaceError, StateDirError, TierUnavailableError
@@ -357,6 +357,27 @@ async def test_outage_keeps_local_tiers_serving_and_recovers(state_dir, redis):
     assert store.stats()["tiers"]["remote"]["up"]
     await store.write(41 * BLOCK_SIZE, pages(1, 15)[0])
     assert store._map.get(41).tier == TIER_REMOTE
+    await store.close()
+
+
+async def test_the_nbd_fast_path_passes_over_a_remote_tier_that_is_down(state_dir, redis):
+    """write_now (whole-block NBD writes) places a page on the next tier with room
+    while the remote tier is down, and refuses at once when no tier has room."""
+    store = open_store(state_dir, redis.url, ram_max=SLAB_SIZE, disk_max=SLAB_SIZE)
+    store.ram_payload_limit = 1024  # incompressible pages go to disk, remote, then RAM
+    data = pages(2 * PAGES_PER_SLAB + 1, 17)
+    await store.write(0, b"".join(data[:PAGES_PER_SLAB]))  # the disk tier is full
+    redis.stop(signal.SIGKILL)
+    await store.write(PAGES_PER_SLAB * BLOCK_SIZE, data[PAGES_PER_SLAB])  # the remote put fails: RAM
+    assert not store.stats()["tiers"]["remote"]["up"]
+    for block in range(PAGES_PER_SLAB + 1, 2 * PAGES_PER_SLAB):
+        acknowledged = []
+        Store.when_committed(store.write_now(block * BLOCK_SIZE, data[block]), acknowledged.append)
+        await asyncio.sleep(0)
+        assert acknowledged == [None] and store._map.get(block).tier == TIER_RAM
+    with pytest.raises(NoSpaceError):  # every tier is full or down
+        store.write_now(2 * PAGES_PER_SLAB * BLOCK_SIZE, data[-1])
+    assert await store.read(0, 2 * PAGES_PER_SLAB * BLOCK_SIZE) == b"".join(data[:-1])
     await store.close()
 
 

@@ -66,7 +66,11 @@ class Tier(abc.ABC):
         return None
 
     def put_now(self, data: bytes) -> int | None:
-        """:meth:`put` if it needs no waiting, else ``None`` and nothing stored (use :meth:`put`)."""
+        """:meth:`put` if it needs no waiting, else ``None`` and nothing stored (use :meth:`put`).
+
+        Like :meth:`put` it raises :class:`~nbdswap.errors.NoSpaceError` when the tier is
+        full: the store's fast path asks no :meth:`has_room` first.
+        """
         return None
 
     @abc.abstractmethod

@@ -82,8 +82,9 @@ class RamTier(SlabTier):
 
     def put_now(self, data: bytes) -> int:
         """:meth:`SlabTier.put_now`, refusing a page whose new slab the tier's memory
-        has no room for before anything is allocated (the store does not ask
-        :meth:`has_room` first: one comparison here while memory is left is cheaper)."""
+        has no room for before anything is allocated (:meth:`has_room`'s test for a
+        single page; the store does not ask it first: one comparison here while memory
+        is left is cheaper)."""
         length = len(data)
         if self._reserved_pages + PAGES_PER_SLAB > self._memory_pages and length <= MAX_PAYLOAD \
                 and not self.allocator.has_partial(length):
