@@ -3,6 +3,8 @@ through real clients elsewhere)."""
 
 import asyncio
 import struct
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,27 +14,12 @@ from nbdswap.server import NBDConnection, NBDServer
 from nbdswap.store import BLOCK_SIZE, Store
 from nbdswap.tiers.ram import arena_path
 
-
-class _Transport:
-    """What NBDConnection needs of a transport; keeps what it is given to send."""
-
-    def __init__(self) -> None:
-        self.sent: list[bytes] = []
-
-    def get_extra_info(self, name: str) -> None:
-        return None
-
-    def writelines(self, data: list[bytes]) -> None:
-        self.sent.extend(data)
-
-    def is_closing(self) -> bool:
-        return False
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+try:
+    from write_instructions import CountingTransport  # the in-process transport the tool drives the server with
+finally:
+    sys.path.remove(str(BENCH))
 
 
 @pytest.fixture
@@ -42,8 +29,8 @@ def state_dir(tmp_path):
     arena_path(path).unlink(missing_ok=True)
 
 
-def _in_transmission(store: Store) -> tuple[NBDConnection, _Transport]:
-    connection, transport = NBDConnection(NBDServer(BlockDevice(store, "swap", store.size))), _Transport()
+def _in_transmission(store: Store) -> tuple[NBDConnection, CountingTransport]:
+    connection, transport = NBDConnection(NBDServer(BlockDevice(store, "swap", store.size))), CountingTransport()
     connection.connection_made(transport)
     connection.data_received(struct.pack(">I", ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES))
     go = struct.pack(">I", 4) + b"swap" + struct.pack(">H", 0)
