@@ -90,8 +90,9 @@ def size_class(length: int, large: bool = False) -> int:
     ``large``, a large class above CLASS_COUNT for 4097..MAX_LARGE_PAYLOAD bytes.
 
     :meth:`SlabAllocator.alloc` and ``free``, which every written page passes, look its
-    first case up in :data:`_CLASS_BY_LENGTH` and call it for the rest (the calls were
-    1.2k instructions of a write's 150k, bench/write_instructions.py)."""
+    first case up in :data:`_CLASS_BY_LENGTH` and call it for the rest (calling it from
+    them and from ``has_room``, then on that path too, cost 1.2k instructions of a
+    write's 150k, bench/write_instructions.py)."""
     if 0 < length <= MAX_PAYLOAD:
         return _CLASS_OF[(length + GRANULE - 1) // GRANULE]
     if large and MAX_PAYLOAD < length <= MAX_LARGE_PAYLOAD:
