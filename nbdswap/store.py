@@ -930,7 +930,8 @@ class Store:
     def _page_now(self, block: int, entry: Entry | None) -> bytes | None:
         """:meth:`_load` without awaiting, or ``None`` if the tier must be awaited.
         A corrupt block is counted here: nothing can replace its entry meanwhile."""
-        if entry is None or not entry.is_stored:
+        # not entry.is_stored, without the property's call (every RAM read passes here)
+        if entry is None or entry.tier == TIER_NONE or entry.flags & LOST:
             return _unstored_page(block, entry)
         tier = self._stored_tier(block, entry)
         try:

@@ -760,6 +760,8 @@ async def test_lost_ram_arena_fails_its_blocks_only(state_dir, damage):
     for block in range(3):
         with pytest.raises(CorruptBlockError, match="lost"):
             await store.read(block * BLOCK_SIZE, BLOCK_SIZE)
+        with pytest.raises(CorruptBlockError, match="lost"):  # the NBD fast path too
+            store.read_now(block * BLOCK_SIZE, BLOCK_SIZE)
     for block in range(3, 6):
         assert await store.read(block * BLOCK_SIZE, BLOCK_SIZE) == pages[block]
     assert store.extents(0, BLOCK_SIZE) == [(BLOCK_SIZE, 0)]  # lost, not a hole
