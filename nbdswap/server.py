@@ -296,7 +296,7 @@ class NBDConnection(asyncio.Protocol):
     async def wait_idle(self) -> None:
         """Return once no request of this connection is pending.  Only a shutdown waits
         for that, so nothing is kept up to date per request: an ``asyncio.Event`` set and
-        cleared around every RAM read answered at once cost 17 of its 758 bytecodes."""
+        cleared around every RAM read answered at once cost 17 of a read's 758 bytecodes."""
         if self._pending:
             waiter = self._loop.create_future()
             self._idle_waiters.append(waiter)

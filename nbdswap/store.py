@@ -930,7 +930,7 @@ class Store:
     def _page_now(self, block: int, entry: Entry | None) -> bytes | None:
         """:meth:`_load` without awaiting, or ``None`` if the tier must be awaited.
         A corrupt block is counted here: nothing can replace its entry meanwhile."""
-        # not entry.is_stored, without the property's call (every RAM read passes here)
+        # not Entry.is_stored, without the property's call (every RAM read passes here)
         if entry is None or entry.tier == TIER_NONE or entry.flags & LOST:
             return _unstored_page(block, entry)
         tier = self._stored_tier(block, entry)
@@ -1471,7 +1471,8 @@ def _stored_entry(tier: Tier, encoded: Encoded, addr: int) -> Entry:
     blockmap's decoder does (NamedTuple's Python-level ``__new__``: 1.2k instructions
     more per stored page, callgrind)."""
     kind, payload, _, checksum = encoded
-    return _new_tuple(Entry, (tier.tier_id, COMPRESSED if kind == _COMPRESSED_KIND else 0, len(payload), checksum, addr))
+    flags = COMPRESSED if kind == _COMPRESSED_KIND else 0
+    return _new_tuple(Entry, (tier.tier_id, flags, len(payload), checksum, addr))
 
 
 def _split(offset: int, length: int) -> Iterator[tuple[int, int, int]]:

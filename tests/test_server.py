@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from nbdswap.device import BlockDevice
-from nbdswap.protocol.constants import IHAVEOPT, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, ClientFlag, Command, CommandFlag, Option
+from nbdswap.protocol.constants import (
+    IHAVEOPT, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, ClientFlag, Command, CommandFlag, Option)
 from nbdswap.server import NBDConnection, NBDServer
 from nbdswap.store import BLOCK_SIZE, Store
 from nbdswap.tiers.ram import arena_path
@@ -17,7 +18,7 @@ from nbdswap.tiers.ram import arena_path
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 try:
-    from write_instructions import CountingTransport  # the in-process transport the tool drives the server with
+    from write_instructions import CountingTransport  # the tool drives the server through it too
 finally:
     sys.path.remove(str(BENCH))
 
@@ -29,8 +30,8 @@ def state_dir(tmp_path):
     arena_path(path).unlink(missing_ok=True)
 
 
-def _in_transmission(store: Store) -> tuple[NBDConnection, CountingTransport]:
-    connection, transport = NBDConnection(NBDServer(BlockDevice(store, "swap", store.size))), CountingTransport()
+def _in_transmission(device: BlockDevice) -> tuple[NBDConnection, CountingTransport]:
+    connection, transport = NBDConnection(NBDServer(device)), CountingTransport()
     connection.connection_made(transport)
     connection.data_received(struct.pack(">I", ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES))
     go = struct.pack(">I", 4) + b"swap" + struct.pack(">H", 0)
@@ -38,19 +39,42 @@ def _in_transmission(store: Store) -> tuple[NBDConnection, CountingTransport]:
     return connection, transport
 
 
+def _fua_write(cookie: int) -> bytes:
+    header = struct.pack(">IHHQQI", REQUEST_MAGIC, CommandFlag.FUA, Command.WRITE, cookie, 0, BLOCK_SIZE)
+    return header + bytes([cookie]) * BLOCK_SIZE
+
+
+def _answered(transport: CountingTransport, cookie: int) -> bool:
+    return struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, cookie) in transport.sent
+
+
+async def _until(condition) -> None:
+    while not condition():
+        await asyncio.sleep(0.01)
+
+
 async def test_wait_idle_returns_once_the_last_pending_request_is_answered(state_dir):
-    """A shutdown waits for it before closing the connection."""
+    """A shutdown closes each connection, then waits for this before the linger's
+    deadline starts."""
     store = Store.open(state_dir, size=1 << 20, ram_max=1 << 20, disk_max=0)
     try:
-        connection, transport = _in_transmission(store)
+        device = BlockDevice(store, "swap", store.size)
+        connection, transport = _in_transmission(device)
         await asyncio.wait_for(connection.wait_idle(), 5)  # nothing pending
-        write = struct.pack(">IHHQQI", REQUEST_MAGIC, CommandFlag.FUA, Command.WRITE, 7, 0, BLOCK_SIZE)
-        connection.data_received(write + bytes(range(256)) * (BLOCK_SIZE // 256))
+        release, execute = asyncio.Event(), device.execute
+
+        async def holding_back_8(request, replies_to):
+            if request.cookie == 8:
+                await release.wait()
+            await execute(request, replies_to)
+
+        device.execute = holding_back_8  # FUA writes run through execute()
+        connection.data_received(_fua_write(7) + _fua_write(8))
         idle = asyncio.ensure_future(connection.wait_idle())
-        await asyncio.sleep(0)
-        assert not idle.done()  # the FUA write waits for the map's sync
-        await asyncio.wait_for(idle, 30)
-        await asyncio.sleep(0)  # the reply's flush
-        assert struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, 7) in transport.sent
+        await asyncio.wait_for(_until(lambda: _answered(transport, 7)), 5)
+        assert not idle.done()  # 8 is still pending
+        release.set()
+        await asyncio.wait_for(idle, 5)
+        await asyncio.wait_for(_until(lambda: _answered(transport, 8)), 5)
     finally:
         await store.close()
