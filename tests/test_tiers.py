@@ -187,7 +187,8 @@ def test_full_allocator_raises_and_recovers():
 
 def test_empty_slab_is_released_and_reused_for_another_class():
     released, reserved = [], []
-    allocator = SlabAllocator(SLAB_SIZE, on_new_slab=reserved.append, on_empty_slab=released.append)
+    allocator = SlabAllocator(SLAB_SIZE, on_new_slab=lambda slab, cls: reserved.append(slab),
+                              on_empty_slab=released.append)
     first = allocator.alloc(4096)
     assert reserved == [0]
     allocator.free(first, 4096)
@@ -199,7 +200,7 @@ def test_empty_slab_is_released_and_reused_for_another_class():
 
 
 def test_refused_new_slab_leaves_no_trace():
-    def refuse(slab):
+    def refuse(slab, cls):
         raise NoSpaceError("no memory")
 
     allocator = SlabAllocator(SLAB_SIZE, on_new_slab=refuse)
@@ -332,9 +333,11 @@ def test_ram_refuses_a_page_its_memory_has_no_new_slab_for_before_allocating(sta
     tier = RamTier.open(state_dir, SLAB_SIZE, None)  # memory for one slab, addresses for more
     for _ in range(15):
         tier.put_now(bytes(4096))
-    monkeypatch.setattr(tier.allocator, "_new_slab", lambda cls: pytest.fail("a new slab was taken"))
+    released = []
+    monkeypatch.setattr(tier.allocator, "_on_empty_slab", released.append)
     with pytest.raises(NoSpaceError):
         tier.put_now(bytes(100))  # another class: it would need a new slab
+    assert not released and tier.allocator.slab_bytes == SLAB_SIZE  # none taken and given back
     tier.put_now(bytes(4096))  # the partly used slab still takes its class
     tier.close()
 

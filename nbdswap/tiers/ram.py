@@ -4,9 +4,10 @@ The file lives in ``/dev/shm`` under a name derived from the state directory, so
 restarted server (same state dir) maps the same pages and finds its data.  It survives
 a killed process but not a reboot; the block map then marks the tier's blocks lost.
 
-Memory is reserved with ``posix_fallocate`` when a payload is first written into it (a
-64 KiB slab of single pages at once), so a full tmpfs shows up as :class:`NoSpaceError`
-instead of SIGBUS on a store into the mapping; an emptied slab is punched out and its
+Memory is reserved with ``posix_fallocate`` when the allocator takes a 64 KiB slab of
+single pages (all of it at once), and for a span's payload when it is written, so a
+full tmpfs or a used-up memory budget shows up as :class:`NoSpaceError` instead of
+SIGBUS on a store into the mapping; an emptied slab is punched out and its
 memory returned to the system.
 
 The tier takes grouped payloads (idle pages compressed together, see
@@ -26,7 +27,8 @@ from pathlib import Path
 
 from ..blockmap import TIER_RAM
 from ..errors import NoSpaceError
-from .slab import HEADER_SIZE, LARGE_CLASS_COUNT, MAX_PAYLOAD, SLAB_SIZE, SPAN_SIZE, Arena, SlabTier, slot_size
+from .slab import (
+    CLASS_COUNT, HEADER_SIZE, LARGE_CLASS_COUNT, MAX_PAYLOAD, SLAB_SIZE, SPAN_SIZE, Arena, SlabTier, slot_size)
 
 SHM_DIR = Path("/dev/shm")
 PAGE = mmap.PAGESIZE
@@ -80,22 +82,17 @@ class RamTier(SlabTier):
         spanned = slot_size(nbytes, large=True) // PAGE + 2  # a slot need not start on a page
         return self._reserved_pages + spanned <= self._memory_pages
 
-    def put_now(self, data: bytes) -> int:
-        """:meth:`SlabTier.put_now`, refusing a page whose new slab the tier's memory
-        has no room for before anything is allocated (:meth:`has_room`'s test for a
-        single page; the store does not ask it first: one comparison here while memory
-        is left is cheaper)."""
-        length = len(data)
-        if self._reserved_pages + PAGES_PER_SLAB > self._memory_pages and length <= MAX_PAYLOAD \
-                and not self.allocator.has_partial(length):
-            raise NoSpaceError("the RAM tier's memory is all in use")
-        return self._fill(self.allocator.alloc(length), data)
+    def _reserve_slab(self, slab: int, cls: int) -> None:
+        """A slab of single pages gets its memory when the allocator takes it, so a
+        tier whose memory is used up refuses a page before anything is allocated (the
+        store puts written pages without asking :meth:`has_room` first).  A span's
+        slabs get memory payload by payload (:meth:`_write`)."""
+        if cls <= CLASS_COUNT:
+            self._reserve(slab * SLAB_SIZE, SLAB_SIZE)
 
     def _write(self, addr: int, data: bytes) -> None:
         if len(data) > MAX_PAYLOAD:
             self._reserve(addr, slot_size(len(data), large=True))
-        elif not self._reserved[addr // PAGE]:
-            self._reserve(addr - addr % SLAB_SIZE, SLAB_SIZE)  # a slab of single pages: at once
         start = HEADER_SIZE + addr
         self._mm[start : start + len(data)] = data
 

@@ -139,7 +139,7 @@ def _slot_of(addr: int, cls: int) -> tuple[int, int]:
     return slab * slabs, slot
 
 
-def _ignore_slab(slab: int) -> None:
+def _ignore_slab(slab: int, cls: int = 0) -> None:
     """Default slab hook."""
 
 
@@ -150,8 +150,9 @@ class SlabAllocator:
     full they are, and a new payload goes into the fullest one (as zsmalloc does), so
     sparse slabs drain and are released instead of staying a little used forever.
 
-    ``on_new_slab(slab)`` runs before a slab is first used for a class and may raise
-    :class:`NoSpaceError` to refuse it; ``on_empty_slab(slab)`` runs after a slab's
+    ``on_new_slab(slab, cls)`` runs before a slab (each slab of a span) is first used for
+    class ``cls`` and may raise :class:`NoSpaceError` to refuse it, before anything is
+    allocated; ``on_empty_slab(slab)`` runs after a slab's
     last slot was freed.  Slabs beyond the capacity (left over from a larger earlier
     capacity and recorded with :meth:`mark_used`) are used until they drain but never
     receive new payloads.
@@ -160,7 +161,7 @@ class SlabAllocator:
     def __init__(
         self,
         capacity: int,
-        on_new_slab: Callable[[int], None] = _ignore_slab,
+        on_new_slab: Callable[[int, int], None] = _ignore_slab,
         on_empty_slab: Callable[[int], None] = _ignore_slab,
         *,
         large: bool = False,
@@ -343,7 +344,7 @@ class SlabAllocator:
         if slab < 0:
             raise NoSpaceError("no free slab")
         for part in range(slab, slab + span):
-            self._on_new_slab(part)
+            self._on_new_slab(part, cls)
         self._assign(slab, cls)
         return slab
 
@@ -555,8 +556,8 @@ class SlabTier(Tier):
     def _write(self, addr: int, data: bytes) -> None:
         """Write a payload into its slot; OSErrors go through :func:`raise_for_os_error`."""
 
-    def _reserve_slab(self, slab: int) -> None:
-        """Called before a slab is first used; may raise NoSpaceError."""
+    def _reserve_slab(self, slab: int, cls: int) -> None:
+        """Called before a slab is first used for class ``cls``; may raise NoSpaceError."""
 
     def _release_slab(self, slab: int) -> None:
         punch_hole(self.arena.fd, HEADER_SIZE + slab * SLAB_SIZE, SLAB_SIZE)
