@@ -51,8 +51,10 @@ MAX_LARGE_PAYLOAD = 32 * 1024
 FULLNESS_GROUPS = 4
 
 
-def _merged_classes() -> list[int]:
-    """Class index (slot size in granules) for each payload size in granules.
+def _merged_classes() -> tuple[int, ...]:
+    """Class index (slot size in granules) for each payload length 0..MAX_PAYLOAD (0 for
+    0, which no class takes).  Looked up by length, not computed from it: every
+    allocation and free of a written page needs its class.
 
     A size is served by the largest multiple of GRANULE that still fits as many slots
     into a slab (as zsmalloc merges its classes): it costs no memory, and fewer
@@ -62,7 +64,7 @@ def _merged_classes() -> list[int]:
     for granules in range(1, CLASS_COUNT + 1):
         slots = SLAB_SIZE // (granules * GRANULE)
         merged.append(SLAB_SIZE // slots // GRANULE)
-    return merged
+    return (0, *(merged[(length + GRANULE - 1) // GRANULE] for length in range(1, MAX_PAYLOAD + 1)))
 
 
 def _large_classes() -> tuple[list[int], list[int]]:
@@ -79,7 +81,7 @@ def _large_classes() -> tuple[list[int], list[int]]:
     return sizes, class_of
 
 
-_CLASS_OF = _merged_classes()
+_CLASS_BY_LENGTH = _merged_classes()
 _LARGE_SIZES, _LARGE_CLASS_OF = _large_classes()
 LARGE_CLASS_COUNT = len(_LARGE_SIZES)
 LAST_CLASS = CLASS_COUNT + LARGE_CLASS_COUNT
@@ -90,11 +92,10 @@ def size_class(length: int, large: bool = False) -> int:
     ``large``, a large class above CLASS_COUNT for 4097..MAX_LARGE_PAYLOAD bytes.
 
     :meth:`SlabAllocator.alloc` and ``free``, which every written page passes, look its
-    first case up in :data:`_CLASS_BY_LENGTH` and call it for the rest (calling it from
-    them and from ``has_room``, then on that path too, cost 1.2k instructions of a
-    write's 150k, bench/write_instructions.py)."""
+    first case up in :data:`_CLASS_BY_LENGTH` themselves and call it for the rest (the
+    calls were 1.2k instructions of a write's 150k, bench/write_instructions.py)."""
     if 0 < length <= MAX_PAYLOAD:
-        return _CLASS_OF[(length + GRANULE - 1) // GRANULE]
+        return _CLASS_BY_LENGTH[length]
     if large and MAX_PAYLOAD < length <= MAX_LARGE_PAYLOAD:
         return _LARGE_CLASS_OF[(length + LARGE_GRANULE - 1) // LARGE_GRANULE]
     raise ValueError(f"payload length {length} outside 1..{MAX_LARGE_PAYLOAD if large else MAX_PAYLOAD}")
@@ -125,8 +126,6 @@ def slots_per_slab(cls: int) -> int:
 _SLOT_BYTES = tuple(slot_bytes(cls) for cls in range(LAST_CLASS + 1))
 _SLAB_SLABS = tuple(slab_slabs(cls) for cls in range(LAST_CLASS + 1))
 _SLOTS_PER_SLAB = (0, *(slots_per_slab(cls) for cls in range(1, LAST_CLASS + 1)))
-#: :func:`size_class` of every payload length up to MAX_PAYLOAD (0 for 0, which it refuses).
-_CLASS_BY_LENGTH = (0, *(size_class(length) for length in range(1, MAX_PAYLOAD + 1)))
 
 
 def _slot_of(addr: int, cls: int) -> tuple[int, int]:
