@@ -17,6 +17,14 @@ extendedKeyUsage = clientAuth
 
 
 @pytest.fixture
+def state_dir(tmp_path):
+    """A state directory not yet created; its RAM arena is removed afterwards."""
+    path = tmp_path / "state"
+    yield path
+    remove_ram_arena(path)
+
+
+@pytest.fixture
 def server_factory(tmp_path):
     """Start nbdswap servers in their own directories; all are stopped afterwards."""
     servers: list[ServerProcess] = []

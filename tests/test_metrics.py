@@ -29,7 +29,7 @@ from nbdswap.protocol import Command, Request
 from nbdswap.status_view import render_status
 from nbdswap.store import BLOCK_SIZE, Store
 from nbdswap.tiers.slab import SLAB_SIZE
-from nbdutil import (SYSTEM_PATH, free_port, mixed_data, nbdsh, nbdswap_command, remove_ram_arena, run_client,
+from nbdutil import (SYSTEM_PATH, free_port, mixed_data, nbdsh, nbdswap_command, run_client,
                      ServerProcess, wait_until)
 from redisutil import RedisServer
 
@@ -381,13 +381,6 @@ async def test_a_new_tier_and_its_health_fields_are_exported_without_changes():
     assert 'nbdswap_request_duration_seconds_count{op="read"} 1.0' in text
     result = promtool("check", "metrics", stdin=text)
     assert result.returncode == 0 and not result.stdout.strip(), result
-
-
-@pytest.fixture
-def state_dir(tmp_path):
-    path = tmp_path / "state"
-    yield path
-    remove_ram_arena(path)
 
 
 async def test_moves_clean_copies_watermarks_and_drains_are_exported(state_dir):

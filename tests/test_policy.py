@@ -38,13 +38,6 @@ def open_store(state_dir, ram_max=4 * SLAB_SIZE, disk_max=64 * SLAB_SIZE, size=4
     return Store.open(state_dir, size=size, ram_max=ram_max, disk_max=disk_max)
 
 
-@pytest.fixture
-def state_dir(tmp_path):
-    path = tmp_path / "state"
-    yield path
-    arena_path(path).unlink(missing_ok=True)
-
-
 def tier_of(store: Store, block: int) -> int:
     return store.entry(block).tier
 

@@ -15,7 +15,6 @@ from nbdswap.codec import encode
 from nbdswap.config import ConfigError, ServeConfig
 from nbdswap.errors import CorruptBlockError, NoSpaceError, StateDirError, TierUnavailableError
 from nbdswap.store import BLOCK_SIZE, Store
-from nbdswap.tiers.ram import arena_path
 from nbdswap.tiers.remote import SEGMENT_BITS, RemoteSettings, RemoteTier
 from nbdswap.tiers.slab import SLAB_SIZE
 from nbdutil import ServerProcess, nbdsh, run_client
@@ -74,13 +73,6 @@ def cluster(tmp_path):
     nodes = RedisClusterNodes(tmp_path / "cluster").start()
     yield nodes
     nodes.stop()
-
-
-@pytest.fixture
-def state_dir(tmp_path):
-    path = tmp_path / "state"
-    yield path
-    arena_path(path).unlink(missing_ok=True)
 
 
 # --- the tier itself -----------------------------------------------------------------

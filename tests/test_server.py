@@ -6,14 +6,11 @@ import struct
 import sys
 from pathlib import Path
 
-import pytest
-
 from nbdswap.device import BlockDevice
 from nbdswap.protocol.constants import (
     IHAVEOPT, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, ClientFlag, Command, CommandFlag, Option)
 from nbdswap.server import NBDConnection, NBDServer
 from nbdswap.store import BLOCK_SIZE, Store
-from nbdswap.tiers.ram import arena_path
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
@@ -21,13 +18,6 @@ try:
     from write_instructions import CountingTransport  # the tool drives the server through it too
 finally:
     sys.path.remove(str(BENCH))
-
-
-@pytest.fixture
-def state_dir(tmp_path):
-    path = tmp_path / "state"
-    yield path
-    arena_path(path).unlink(missing_ok=True)
 
 
 def _in_transmission(device: BlockDevice) -> tuple[NBDConnection, CountingTransport]:

@@ -152,13 +152,6 @@ def make_tiers_yield(store: Store) -> None:
         tier.get, tier.put = get, put
 
 
-@pytest.fixture
-def state_dir(tmp_path):
-    path = tmp_path / "state"
-    yield path
-    arena_path(path).unlink(missing_ok=True)
-
-
 def open_store(state_dir, size=4 * MiB, ram_max=MiB, disk_max=4 * MiB) -> Store:
     return Store.open(state_dir, size=size, ram_max=ram_max, disk_max=disk_max)
 
