@@ -187,16 +187,16 @@ def test_full_allocator_raises_and_recovers():
 
 def test_empty_slab_is_released_and_reused_for_another_class():
     released, reserved = [], []
-    allocator = SlabAllocator(SLAB_SIZE, on_new_slab=lambda slab, cls: reserved.append(slab),
+    allocator = SlabAllocator(SLAB_SIZE, on_new_slab=lambda slab, cls: reserved.append((slab, cls)),
                               on_empty_slab=released.append)
     first = allocator.alloc(4096)
-    assert reserved == [0]
+    assert reserved == [(0, size_class(4096))]
     allocator.free(first, 4096)
     assert released == [0]
     assert allocator.slab_bytes == 0
     small = [allocator.alloc(64) for _ in range(1024)]
     assert len(set(small)) == 1024
-    assert reserved == [0, 0]
+    assert reserved == [(0, size_class(4096)), (0, size_class(64))]
 
 
 def test_refused_new_slab_leaves_no_trace():
