@@ -154,12 +154,26 @@ def test_write_instructions_path_answers_every_write() -> None:
         "--per-chunk", "5", "--blocks", "20001")
 
 
+def test_write_instructions_reads_answer_every_read_with_its_page() -> None:
+    """With ``--reads`` every read is answered OK with the page the prefill wrote to
+    its block (checked by the tool, which exits non-zero otherwise)."""
+    run(str(BENCH / "write_instructions.py"), "--child", "96", "--feed", "--check-replies", "--reads")
+    run(str(BENCH / "write_instructions.py"), "--child", "96", "--no-feed", "--reads")
+    run(str(BENCH / "write_instructions.py"), "--child", "96", "--feed", "--check-replies", "--reads",
+        "--per-chunk", "5", "--blocks", "20001")
+
+
 def test_write_instructions_counts_with_callgrind() -> None:
     text = run(str(BENCH / "write_instructions.py"), "--writes", "64", timeout=600)
     count = re.search(r"(-?[\d,]+) instructions per 4 KiB write \(64 writes", text)
     assert count, text
     # A write runs zstd, the slab allocator and the map's commit: far more than nothing,
     # and far less than a whole start-up (the runs' common part, if it did not cancel).
+    assert 10_000 < int(count.group(1).replace(",", "")) < 1_000_000
+    text = run(str(BENCH / "write_instructions.py"), "--requests", "64", "--reads", timeout=600)
+    count = re.search(r"(-?[\d,]+) instructions per 4 KiB read \(64 reads", text)
+    assert count, text
+    # A RAM read decompresses a page and looks its entry up: less than a write.
     assert 10_000 < int(count.group(1).replace(",", "")) < 1_000_000
 
 
