@@ -22,6 +22,7 @@ from nbdswap.tiers.slab import (
     SPAN_SIZE,
     size_class,
     slot_bytes,
+    slot_size,
     slots_per_slab,
 )
 
@@ -218,6 +219,11 @@ def test_free_and_mark_used_detect_inconsistencies():
         allocator.free(addr + 1, 1000)  # not a slot boundary
     with pytest.raises(ValueError):
         allocator.free(3 * SLAB_SIZE, 1000)  # unused slab
+    in_tailed = allocator.alloc(3000)  # its class's slots leave a tail in the slab
+    tail = in_tailed - in_tailed % SLAB_SIZE + slots_per_slab(size_class(3000)) * slot_size(3000)
+    assert tail + slot_size(3000) > (in_tailed // SLAB_SIZE + 1) * SLAB_SIZE
+    with pytest.raises(ValueError):
+        allocator.free(tail, 3000)  # aligned to the class, but past the slab's last slot
     with pytest.raises(ValueError):
         allocator.mark_used(addr, 1000)  # recorded twice
     with pytest.raises(ValueError):

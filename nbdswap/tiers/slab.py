@@ -228,7 +228,13 @@ class SlabAllocator:
     def free(self, addr: int, length: int) -> None:
         cls = (_CLASS_BY_LENGTH[length] if 0 < length <= MAX_PAYLOAD
                else size_class(length, self.large))
-        slab, slot = _slot_of(addr, cls)
+        if cls <= CLASS_COUNT:  # _slot_of(addr, cls) of a one-slab class, without the call
+            slab, offset = divmod(addr, SLAB_SIZE)  # (0.5-0.9 % of a write's instructions)
+            slot, misalignment = divmod(offset, _SLOT_BYTES[cls])
+            if misalignment or slot >= _SLOTS_PER_SLAB[cls]:
+                raise ValueError(f"address {addr} is not a slot of class {cls}")
+        else:
+            slab, slot = _slot_of(addr, cls)
         slots = self._slots.get(slab)
         if slots is None or self._classes[slab] != cls:
             raise ValueError(f"address {addr} is not in a slab of class {cls}")
