@@ -61,9 +61,11 @@ _COMPRESSOR = zstandard.ZstdCompressor(
 _DECOMPRESSOR = zstandard.ZstdDecompressor(format=zstandard.FORMAT_ZSTD1_MAGICLESS)
 
 GROUP_PAGES = 16
-#: zstd level of grouped payloads: level 3 stores 1.5-2.5 % less than level 1 on the
-#: memory corpora (bench/corpus.py) and demotion is a background job.
-GROUP_LEVEL = 3
+#: zstd level of grouped payloads.  On four heaps never tuned on (V8, Redis, Perl,
+#: CPython; bench/RESULTS.md) level 3 stored 0.80-0.87x the zram-like reference, at
+#: the issue's 0.87x target; level 6 stores 0.74-0.83x for 2.3-3.5x the compression
+#: time (22-49 us a page) and decompresses as fast.  Grouping is background work.
+GROUP_LEVEL = 6
 #: Larger grouped payloads are not made (the pages are stored one by one instead).
 GROUP_PAYLOAD_LIMIT = 32 * 1024
 _GROUP_HEADER = struct.Struct("<BH")  # format, bitmap of the slots held
