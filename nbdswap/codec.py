@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import enum
 import struct
+import threading
 from typing import NamedTuple
 
 import xxhash
@@ -68,6 +69,9 @@ GROUP_PAGES = 16
 GROUP_LEVEL = 6
 #: Larger grouped payloads are not made (the pages are stored one by one instead).
 GROUP_PAYLOAD_LIMIT = 32 * 1024
+#: The store compresses groups on worker threads; one zstd compressor used by two
+#: threads at once crashes the process.
+_GROUP_LOCK = threading.Lock()
 _GROUP_HEADER = struct.Struct("<BH")  # format, bitmap of the slots held
 _GROUP_FORMAT = 1
 _GROUP_COMPRESSOR = zstandard.ZstdCompressor(
@@ -166,11 +170,13 @@ def decode_payload(payload: bytes, compressed: bool, expected_checksum: int) -> 
 
 def encode_group(pages: dict[int, bytes]) -> bytes | None:
     """A grouped payload of ``{slot: page}`` (slots 0..15), or ``None`` if it would be
-    longer than :data:`GROUP_PAYLOAD_LIMIT`."""
+    longer than :data:`GROUP_PAYLOAD_LIMIT`.  Any thread may call it."""
     bitmap = 0
     for slot in pages:
         bitmap |= 1 << slot
-    frame = _GROUP_COMPRESSOR.compress(b"".join(pages[slot] for slot in sorted(pages)))
+    data = b"".join(pages[slot] for slot in sorted(pages))
+    with _GROUP_LOCK:
+        frame = _GROUP_COMPRESSOR.compress(data)
     if _GROUP_HEADER.size + len(frame) > GROUP_PAYLOAD_LIMIT:
         return None
     return _GROUP_HEADER.pack(_GROUP_FORMAT, bitmap) + frame

@@ -607,7 +607,7 @@ class Store:
         joining = [block for block in blocks if self._may_join(block, target)] \
             if target.tier_id in GROUPED_TIERS else []
         pages = await self._pages_of(joining)
-        payload = encode_group({block & (GROUP_SIZE - 1): page for block, (_, _, page) in pages.items()}) \
+        payload = await _encode_group({block & (GROUP_SIZE - 1): page for block, (_, _, page) in pages.items()}) \
             if len(pages) >= 2 else None
         if payload is None or not target.has_room(len(payload)) or not _worth_grouping(pages, payload, target):
             pages = {}
@@ -694,7 +694,7 @@ class Store:
         packed = share.pages or len(pages)
         if len(pages) > COMPACT_LIVE_SHARE * packed:
             return 0
-        payload = encode_group({block & (GROUP_SIZE - 1): page for block, page in pages.items()}) \
+        payload = await _encode_group({block & (GROUP_SIZE - 1): page for block, page in pages.items()}) \
             if len(pages) >= 2 else None
         if payload is None:
             return sum([await self._restore_alone(holder, (tier_id, addr), pages[holder[0]], tier)
@@ -1457,6 +1457,13 @@ def _group_page(block: int, tier: Tier, entry: Entry, group: Group) -> bytes:
         return group.page(block & (GROUP_SIZE - 1), entry.checksum)
     except DecodeError as error:
         raise CorruptBlockError(f"block {block} on the {tier.name} tier: {error}") from None
+
+
+async def _encode_group(pages: dict[int, bytes]) -> bytes | None:
+    """:func:`encode_group` on a worker thread: zstd releases the GIL, and the 0.3-0.8
+    ms a group takes at GROUP_LEVEL would otherwise stall every request on the loop.
+    The callers' entries are compare-and-swapped after it, as after their loads."""
+    return await asyncio.to_thread(encode_group, pages)
 
 
 def _unstored_entry(encoded: Encoded) -> Entry:

@@ -1,6 +1,9 @@
 """Page classification, compression and checksums."""
 
 import random
+import subprocess
+import sys
+import textwrap
 
 import pytest
 from hypothesis import given
@@ -169,3 +172,25 @@ def test_grouped_payloads_refuse_what_does_not_decode_to_their_pages():
     moved = decode_group(payload[:1] + b"\x41\x00" + payload[3:])  # slot 5's page claimed by slot 6
     with pytest.raises(DecodeError, match="no page"):
         moved.page(5, checksum(pages[5]))
+
+
+def test_grouped_payloads_are_encoded_safely_from_several_threads_at_once():
+    """The store compresses groups on worker threads.  Without the codec's lock, two
+    threads in its one zstd compressor crash the process: hence a child process."""
+    script = textwrap.dedent("""
+        import random, threading
+        from nbdswap.codec import checksum, decode_group, encode_group
+        pages = {slot: random.Random(slot).randbytes(1500) + bytes(2596) for slot in range(16)}
+        def encode_and_check():
+            for _ in range(200):
+                group = decode_group(encode_group(pages))
+                assert all(group.page(slot, checksum(page)) == page for slot, page in pages.items())
+        threads = [threading.Thread(target=encode_and_check) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stdout.strip()) == (0, "ok"), result.stderr[-2000:]
