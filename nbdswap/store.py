@@ -606,7 +606,7 @@ class Store:
             raise ValueError("move_group takes blocks of one map group")
         joining = [block for block in blocks if self._may_join(block, target)] \
             if target.tier_id in GROUPED_TIERS else []
-        pages = await self._pages_of(joining)
+        pages = await self._pages_of(joining, target)
         payload = await _encode_group({block & (GROUP_SIZE - 1): page for block, (_, _, page) in pages.items()}) \
             if len(pages) >= 2 else None
         if payload is None or not target.has_room(len(payload)) or not _worth_grouping(pages, payload, target):
@@ -626,11 +626,16 @@ class Store:
             return not entry.flags & GROUPED
         return backing is None or backing.tier != target.tier_id or not _same_data(entry, backing)
 
-    async def _pages_of(self, blocks: list[int]) -> dict[int, tuple[Entry, Entry | None, bytes]]:
+    async def _pages_of(self, blocks: list[int], target: Tier) -> dict[int, tuple[Entry, Entry | None, bytes]]:
         """Entry, clean copy and page of each block whose page reads back unchanged;
-        a block that fails to read is left out (a move of its own reports it)."""
+        a block that fails to read is left out (a move of its own reports it), and so is
+        one that can no longer join the group on ``target``: the loads before its own may
+        have let a write or a trim replace its stored page (a zero page joined with the
+        zero entry's checksum, and then read as corrupt)."""
         pages = {}
         for block in blocks:
+            if not self._may_join(block, target):
+                continue
             entry, backing = self._current(block), self._current_backing(block)
             try:
                 page = await self._load(block, entry)
