@@ -15,8 +15,9 @@ catches corruption of compressed data that still decompresses.
 
 *Grouped* payloads (the cold blocks of the disk and remote tiers): pages of one aligned
 group of :data:`GROUP_PAGES` consecutive blocks compressed together, which stores
-0.77-0.81x the bytes of per-page zstd on real memory (neighbouring pages share strings; random pages do
-not).  Such a payload is a header (format byte, 16-bit bitmap of the group slots it
+0.73-0.83x the bytes of per-page zstd on real memory at :data:`GROUP_LEVEL` (neighbouring
+pages share strings; random pages do not).  Only :func:`encode_group` may be called from
+several threads; everything else here belongs to the event loop's thread.  Such a payload is a header (format byte, 16-bit bitmap of the group slots it
 holds) and one magicless zstd frame of those pages concatenated in slot order.  Each
 block's map entry keeps its own page checksum.
 """
@@ -69,7 +70,7 @@ GROUP_PAGES = 16
 GROUP_LEVEL = 6
 #: Larger grouped payloads are not made (the pages are stored one by one instead).
 GROUP_PAYLOAD_LIMIT = 32 * 1024
-#: The store compresses groups on worker threads; one zstd compressor used by two
+#: The store compresses groups on a worker thread; one zstd compressor used by two
 #: threads at once crashes the process.
 _GROUP_LOCK = threading.Lock()
 _GROUP_HEADER = struct.Struct("<BH")  # format, bitmap of the slots held

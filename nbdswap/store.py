@@ -68,6 +68,7 @@ import operator
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -143,6 +144,10 @@ MOVE_EVENTS = ("move_races_lost", "clean_copy_hits", "clean_copies_dropped")
 GROUPED_TIERS = frozenset({TIER_RAM, TIER_DISK, TIER_REMOTE})
 #: Decoded groups kept for reads of their other pages (at most 64 KiB each).
 GROUP_CACHE_LIMIT = 32
+#: Groups are compressed on this one thread (see Store._encode_group): off the event
+#: loop, and not in the I/O pool, where disk reads and the map's syncs would queue
+#: behind a policy batch's groups, each waiting for the codec's lock.
+_GROUP_ENCODER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nbdswap-group")
 #: A grouped payload whose referenced pages are at most this share of those it holds is
 #: compacted: its dead pages cost at most about as much as its live ones.
 COMPACT_LIVE_SHARE = 0.5
@@ -607,7 +612,7 @@ class Store:
         joining = [block for block in blocks if self._may_join(block, target)] \
             if target.tier_id in GROUPED_TIERS else []
         pages = await self._pages_of(joining, target)
-        payload = await _encode_group({block & (GROUP_SIZE - 1): page for block, (_, _, page) in pages.items()}) \
+        payload = await self._encode_group({block & (GROUP_SIZE - 1): page for block, (_, _, page) in pages.items()}) \
             if len(pages) >= 2 else None
         if payload is None or not target.has_room(len(payload)) or not _worth_grouping(pages, payload, target):
             pages = {}
@@ -616,6 +621,17 @@ class Store:
             if block not in pages:
                 moved += await self.move(block, to_tier, reason)
         return moved
+
+    async def _encode_group(self, pages: dict[int, bytes]) -> bytes | None:
+        """:func:`encode_group` on the grouping thread: zstd releases the GIL, and the
+        0.3-0.8 ms a group takes at GROUP_LEVEL would otherwise stall every request on
+        the loop.  The callers compare-and-swap their entries after it, as after their
+        loads; one that resumes after :meth:`close` fails here, before it writes to a
+        closed tier."""
+        payload = await asyncio.get_running_loop().run_in_executor(_GROUP_ENCODER, encode_group, pages)
+        if self._closed:
+            raise StoreError("the store was closed while a group was compressed")
+        return payload
 
     def _may_join(self, block: int, target: Tier) -> bool:
         """Whether the block's data would go into a grouped payload on ``target``."""
@@ -699,7 +715,7 @@ class Store:
         packed = share.pages or len(pages)
         if len(pages) > COMPACT_LIVE_SHARE * packed:
             return 0
-        payload = await _encode_group({block & (GROUP_SIZE - 1): page for block, page in pages.items()}) \
+        payload = await self._encode_group({block & (GROUP_SIZE - 1): page for block, page in pages.items()}) \
             if len(pages) >= 2 else None
         if payload is None:
             return sum([await self._restore_alone(holder, (tier_id, addr), pages[holder[0]], tier)
@@ -876,10 +892,10 @@ class Store:
         """Commit what is staged, make it durable, and close the map and tiers."""
         if self._closed:
             return
+        self._closed = True  # a move that resumes from its group's compression stops
         try:
             await self.flush()
         finally:
-            self._closed = True
             self._map.close()
             if self._remote is not None:
                 await self._remote.aclose()
@@ -1462,13 +1478,6 @@ def _group_page(block: int, tier: Tier, entry: Entry, group: Group) -> bytes:
         return group.page(block & (GROUP_SIZE - 1), entry.checksum)
     except DecodeError as error:
         raise CorruptBlockError(f"block {block} on the {tier.name} tier: {error}") from None
-
-
-async def _encode_group(pages: dict[int, bytes]) -> bytes | None:
-    """:func:`encode_group` on a worker thread: zstd releases the GIL, and the 0.3-0.8
-    ms a group takes at GROUP_LEVEL would otherwise stall every request on the loop.
-    The callers' entries are compare-and-swapped after it, as after their loads."""
-    return await asyncio.to_thread(encode_group, pages)
 
 
 def _unstored_entry(encoded: Encoded) -> Entry:

@@ -1319,8 +1319,31 @@ async def test_groups_are_compressed_off_the_event_loop(state_dir, monkeypatch):
     [slot] = list(store.sparse_payloads())
     assert await store.compact(*slot) == 4
     assert await store.read(0, len(data)) == bytes(12 * BLOCK_SIZE) + data[12 * BLOCK_SIZE :]
-    assert len(threads) == 2 and threading.main_thread() not in threads
+    # on the grouping thread, not the I/O pool's (disk reads, syncs)
+    assert len(threads) == 2 and all(thread.name.startswith("nbdswap-group") for thread in threads)
     await store.close()
+
+
+async def test_a_move_resuming_after_close_fails_before_it_writes(state_dir, monkeypatch, caplog):
+    """A grouped move waits for its group's compression; if the store is closed
+    meanwhile, the move fails when it resumes and writes nothing to the closed tiers."""
+    entered, release = threading.Event(), threading.Event()
+
+    def encode_group_held(pages):
+        entered.set()
+        release.wait(10)
+        return encode_group(pages)
+
+    monkeypatch.setattr(store_module, "encode_group", encode_group_held)
+    store = open_store(state_dir)
+    await store.write(0, make_data("text", 24, 16 * BLOCK_SIZE))
+    move = asyncio.ensure_future(store.move_group(range(16), "disk"))
+    assert await asyncio.to_thread(entered.wait, 10)
+    await store.close()
+    release.set()
+    with pytest.raises(StoreError, match="closed while a group was compressed"):
+        await move
+    assert "punch a hole" not in caplog.text
 
 
 async def test_rewrites_and_trims_keep_the_other_pages_and_free_with_the_last(state_dir):
