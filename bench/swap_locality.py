@@ -29,7 +29,7 @@ names (their bytes from the dump):
 
 * zram-like: per-page zstd-1, same-filled pages free, incompressible capped at 4096;
 * nbdswap per page (nbdswap.codec.encode payloads);
-* grouped, as the disk tier does (nbdswap.codec.encode_group, zstd-3, at most 32 KiB,
+* grouped, as the disk tier does (nbdswap.codec.encode_group, at its GROUP_LEVEL, at most 32 KiB,
   else per page), in four orders: aligned 16-block groups of the device
   (what nbdswap does), 16 consecutive pages in the order they were last written
   (nbdkit's log), 16 consecutive pages in virtual-address order (pid, address),

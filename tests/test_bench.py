@@ -6,11 +6,14 @@ import json
 import os
 import random
 import re
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from nbdswap.protocol.constants import SIMPLE_REPLY_MAGIC
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
@@ -161,6 +164,22 @@ def test_write_instructions_reads_answer_every_read_with_its_page() -> None:
     run(str(BENCH / "write_instructions.py"), "--child", "96", "--no-feed", "--reads")
     run(str(BENCH / "write_instructions.py"), "--child", "96", "--feed", "--check-replies", "--reads",
         "--per-chunk", "5", "--blocks", "20001")
+
+
+def test_write_instructions_counts_a_read_only_with_the_page_of_its_block() -> None:
+    """The tool's check of --reads: a reply with other data is not an answered read."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import write_instructions as tool
+    finally:
+        sys.path.remove(str(BENCH))
+    pages, blocks = tool._pages(), tool._blocks(3, 100)
+    reply = struct.Struct(">IIQ")
+    sent = [reply.pack(SIMPLE_REPLY_MAGIC, 0, 0) + tool._page_of(blocks[0], pages),
+            reply.pack(SIMPLE_REPLY_MAGIC, 0, 1) + tool._page_of(blocks[1] + 1, pages),
+            reply.pack(SIMPLE_REPLY_MAGIC, 0, 2) + tool._page_of(blocks[2], pages)]
+    assert tool._replied_ok(sent, 3, 100, reads=True) == 2
+    assert tool._replied_ok(sent[:1], 1, 100, reads=True) == 1
 
 
 def test_write_instructions_counts_with_callgrind() -> None:
