@@ -64,9 +64,10 @@ _DECOMPRESSOR = zstandard.ZstdDecompressor(format=zstandard.FORMAT_ZSTD1_MAGICLE
 
 GROUP_PAGES = 16
 #: zstd level of grouped payloads.  On four heaps never tuned on (V8, Redis, Perl,
-#: CPython; bench/RESULTS.md) level 3 stored 0.80-0.87x the zram-like reference, at
-#: the issue's 0.87x target; level 6 stores 0.74-0.83x for 2.3-3.5x the compression
-#: time (22-49 us a page) and decompresses as fast.  Grouping is background work.
+#: CPython; bench/RESULTS.md) level 3 stored 0.79-0.86x the zram-like reference, just
+#: under the issue's 0.87x target (the V8 heap's slots above it, 0.877x); level 6
+#: stores 0.73-0.83x for 2.0-3.5x the compression time (22-49 us a page) and
+#: decompresses no slower.  Grouping is background work, on a thread of its own.
 GROUP_LEVEL = 6
 #: Larger grouped payloads are not made (the pages are stored one by one instead).
 GROUP_PAYLOAD_LIMIT = 32 * 1024
