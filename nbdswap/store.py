@@ -609,9 +609,7 @@ class Store:
         blocks = list(blocks)
         if len({block >> GROUP_BITS for block in blocks}) != 1:
             raise ValueError("move_group takes blocks of one map group")
-        joining = [block for block in blocks if self._may_join(block, target)] \
-            if target.tier_id in GROUPED_TIERS else []
-        pages = await self._pages_of(joining, target)
+        pages = await self._pages_of(blocks, target) if target.tier_id in GROUPED_TIERS else {}
         payload = await self._encode_group({block & (GROUP_SIZE - 1): page for block, (_, _, page) in pages.items()}) \
             if len(pages) >= 2 else None
         if payload is None or not target.has_room(len(payload)) or not _worth_grouping(pages, payload, target):
@@ -643,11 +641,11 @@ class Store:
         return backing is None or backing.tier != target.tier_id or not _same_data(entry, backing)
 
     async def _pages_of(self, blocks: list[int], target: Tier) -> dict[int, tuple[Entry, Entry | None, bytes]]:
-        """Entry, clean copy and page of each block whose page reads back unchanged;
-        a block that fails to read is left out (a move of its own reports it), and so is
-        one that can no longer join the group on ``target``: the loads before its own may
-        have let a write or a trim replace its stored page (a zero page joined with the
-        zero entry's checksum, and then read as corrupt)."""
+        """Entry, clean copy and page of each block that may join a group on ``target``
+        and whose page reads back unchanged; a block that fails to read is left out (a
+        move of its own reports it).  Whether a block may join is asked just before its
+        load: the loads before it may have let a write or a trim replace its stored page
+        (a zero page joined with the zero entry's checksum, and then read as corrupt)."""
         pages = {}
         for block in blocks:
             if not self._may_join(block, target):
