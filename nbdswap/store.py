@@ -624,8 +624,9 @@ class Store:
         """:func:`encode_group` on the grouping thread: zstd releases the GIL, and the
         0.3-0.8 ms a group takes at GROUP_LEVEL would otherwise stall every request on
         the loop.  The callers compare-and-swap their entries after it, as after their
-        loads; one that resumes after :meth:`close` fails here, before it writes to a
-        closed tier."""
+        loads.  Every grouped move waits here, so one that resumes after :meth:`close`
+        fails here with a plain error; a late write after any other await fails at the
+        closed tier (:meth:`Arena.close <nbdswap.tiers.slab.Arena.close>`)."""
         payload = await asyncio.get_running_loop().run_in_executor(_GROUP_ENCODER, encode_group, pages)
         if self._closed:
             raise StoreError("the store was closed while a group was compressed")

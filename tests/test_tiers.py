@@ -323,6 +323,22 @@ def test_disabled_tier_opens_only_an_existing_arena(tier_class, state_dir):
     disabled.close()
 
 
+def test_a_closed_disk_tier_writes_into_no_file_that_took_its_descriptor(state_dir, tmp_path):
+    tier = DiskTier.open(state_dir, 1 << 20, None)
+    tier.put_now(b"x" * 4096)
+    number = tier.arena.fd
+    tier.close()
+    tier.close()  # a second close is harmless
+    other = os.open(tmp_path / "other", os.O_RDWR | os.O_CREAT)
+    try:
+        assert other == number  # the lowest free descriptor: the tier's old one
+        with pytest.raises(StoreError):
+            tier.put_now(b"y" * 4096)
+        assert os.fstat(other).st_size == 0
+    finally:
+        os.close(other)
+
+
 @pytest.mark.parametrize("tier_class", TIER_CLASSES)
 async def test_full_tier_raises_no_space(tier_class, state_dir):
     tier = tier_class.open(state_dir, SLAB_SIZE, None)

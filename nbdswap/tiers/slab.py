@@ -436,7 +436,12 @@ class Arena:
         return cls(fd, arena_id, fresh)
 
     def close(self) -> None:
-        os.close(self.fd)
+        """Close the file.  The descriptor becomes -1, not a number the next file opened
+        may be given: a write or hole punch that comes late (a move that resumes after
+        the store closed) fails with EBADF instead of landing in that file."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 def _open_matching(path: Path, tier: str, arena_id: str) -> int | None:
