@@ -14,8 +14,9 @@ block map; each chunk is followed by two loop turns, for its commit and its repl
 The pages are alike (1 KiB of random bytes then zeros, shifted), the blocks random
 among ``--blocks`` (8,192) prefilled ones, so every write replaces a stored page, as
 swap-outs do.  ``--reads`` sends READs of those blocks instead, each a RAM page to
-decompress, as swap-ins are (outside valgrind the tool checks their data).  Not counted: the kernel (receiving the data, LMDB's ``pwrite`` calls,
-sending replies) and uvloop's socket I/O.
+decompress, as swap-ins are (outside valgrind the tool checks their data).  Not
+counted: the kernel (receiving the data, LMDB's ``pwrite`` calls, sending replies) and
+uvloop's socket I/O.
 
 fio's randwrite at QD32 over one connection does not hand the server 32 writes at a
 time: its commits held 18.5 writes on average with its prefill (counted in the server),

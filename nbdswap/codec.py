@@ -16,10 +16,12 @@ catches corruption of compressed data that still decompresses.
 *Grouped* payloads (the cold blocks of the disk and remote tiers): pages of one aligned
 group of :data:`GROUP_PAGES` consecutive blocks compressed together, which stores
 0.73-0.83x the bytes of per-page zstd on real memory at :data:`GROUP_LEVEL` (neighbouring
-pages share strings; random pages do not).  Only :func:`encode_group` may be called from
-several threads; everything else here belongs to the event loop's thread.  Such a payload is a header (format byte, 16-bit bitmap of the group slots it
-holds) and one magicless zstd frame of those pages concatenated in slot order.  Each
-block's map entry keeps its own page checksum.
+pages share strings; random pages do not).  Such a payload is a header (format byte,
+16-bit bitmap of the group slots it holds) and one magicless zstd frame of those pages
+concatenated in slot order.  Each block's map entry keeps its own page checksum.
+
+Only :func:`encode_group` may be called from several threads; everything else here
+belongs to the event loop's thread.
 """
 
 from __future__ import annotations
