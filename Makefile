@@ -11,15 +11,17 @@ DISK_MAX ?= 8G
 VM_DIR := build/vm
 
 # Debian packages: real NBD clients and servers for the tests, QEMU and a
-# busybox for the VM end-to-end tests, a C toolchain for their static memory hog
-# (binutils' strip for their images, e2fsprogs for the local guest's disk),
+# busybox for the VM end-to-end tests, whose static memory hog the C toolchain
+# builds (binutils' strip for their images, e2fsprogs for the local guest's disk),
 # Redis for the remote tier, Prometheus (promtool) for the metrics, openssl for
 # TLS certificates, systemd for systemd-analyze, valgrind for
 # bench/write_instructions.py (callgrind).
-# `make run` needs only the first (Debian 12's python3 lacks venv without it).
-RUN_PACKAGES := python3-venv
+# `make run` needs only RUN_PACKAGES: Debian 12's python3 lacks venv without
+# python3-venv, and the slab allocator is C (nbdswap/tiers/_slab.c), which pip
+# builds with the C toolchain and Python's headers.
+RUN_PACKAGES := python3-venv python3-dev gcc libc6-dev
 APT_PACKAGES := $(RUN_PACKAGES) libnbd-bin python3-libnbd qemu-utils nbdkit nbd-client fio \
-	qemu-system-x86 busybox-static cpio kmod iproute2 gcc libc6-dev binutils e2fsprogs \
+	qemu-system-x86 busybox-static cpio kmod iproute2 binutils e2fsprogs \
 	redis-server redis-tools prometheus python3-yaml openssl systemd \
 	ca-certificates procps valgrind
 
@@ -43,7 +45,7 @@ bench: deps venv
 # The server's own dependencies; test-venv adds pytest, hypothesis and atheris.
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py nbdswap/tiers/_slab.c
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q -e .
 	touch $@

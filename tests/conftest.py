@@ -16,6 +16,15 @@ extendedKeyUsage = clientAuth
 """
 
 
+def pytest_configure(config):
+    """Refuse to test a C extension older than its source (``make test`` rebuilds it)."""
+    import nbdswap.tiers._slab as extension
+
+    source = Path(extension.__file__).parent / "_slab.c"
+    if source.stat().st_mtime > Path(extension.__file__).stat().st_mtime:
+        raise pytest.UsageError(f"{extension.__file__} is older than {source.name}: run make test-venv")
+
+
 @pytest.fixture
 def state_dir(tmp_path):
     """A state directory not yet created; its RAM arena is removed afterwards."""

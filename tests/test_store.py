@@ -135,7 +135,7 @@ def current_tiers(store: Store) -> bytearray:
 
 def fullness_groups(store: Store) -> dict[int, list]:
     """Each slab tier's partly used slabs, by class and fullness."""
-    return {tier_id: tier.allocator._partial for tier_id, tier in store._tiers.items()}
+    return {tier_id: tier.allocator.partial_groups for tier_id, tier in store._tiers.items()}
 
 
 def make_tiers_yield(store: Store) -> None:

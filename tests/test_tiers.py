@@ -57,14 +57,15 @@ def assert_filed_by_fullness(allocator: SlabAllocator) -> None:
     """Each partly used slab is in the fullness group of its use count, and only there;
     a full slab is in none."""
     filed = []
-    for cls, groups in enumerate(allocator._partial):
+    usage = allocator.slab_usage()
+    for cls, groups in enumerate(allocator.partial_groups):
         for index, group in enumerate(groups):
             for slab in group:
-                assert allocator._classes[slab] == cls
-                assert allocator._used[slab] * FULLNESS_GROUPS // slots_per_slab(cls) == index
+                slab_class, used = usage[slab]
+                assert slab_class == cls
+                assert used * FULLNESS_GROUPS // slots_per_slab(cls) == index
             filed.extend(group)
-    partly_used = [slab for slab in allocator._slots
-                   if allocator._used[slab] < slots_per_slab(allocator._classes[slab])]
+    partly_used = [slab for slab, (cls, used) in usage.items() if used < slots_per_slab(cls)]
     assert sorted(filed) == sorted(partly_used)
 
 
@@ -143,7 +144,7 @@ class AllocatorMachine(RuleBasedStateMachine):
             self.allocator.used_bytes,
             self.allocator.slab_bytes,
         )
-        assert rebuilt._partial == self.allocator._partial  # the same slabs are filled next
+        assert rebuilt.partial_groups == self.allocator.partial_groups  # the same slabs are filled next
         self.allocator = rebuilt
 
     @invariant()
@@ -352,11 +353,13 @@ async def test_full_tier_raises_no_space(tier_class, state_dir):
 
 def test_ram_refuses_a_page_its_memory_has_no_new_slab_for_before_allocating(state_dir, monkeypatch):
     """The store puts written pages without asking has_room first."""
+    released = []
+    release_slab = RamTier._release_slab
+    monkeypatch.setattr(RamTier, "_release_slab", lambda tier, slab: (released.append(slab),
+                                                                     release_slab(tier, slab)))
     tier = RamTier.open(state_dir, SLAB_SIZE, None)  # memory for one slab, addresses for more
     for _ in range(15):
         tier.put_now(bytes(4096))
-    released = []
-    monkeypatch.setattr(tier.allocator, "_on_empty_slab", released.append)
     with pytest.raises(NoSpaceError):
         tier.put_now(bytes(100))  # another class: it would need a new slab
     assert not released and tier.allocator.slab_bytes == SLAB_SIZE  # none taken and given back

@@ -155,7 +155,7 @@ build_python_initramfs() {
 	local out=$1 mode=$2 python=$3 site=${4:-} root=$TMP/$2 kind path interpreter= lib
 	local -a listing sources libs inputs
 	inputs=("$OUT/initramfs.cpio.gz" "$HERE/python-closure.py" "$HERE/build.sh" "$python"
-		"$REPO"/nbdswap/*.py "$REPO"/nbdswap/*/*.py ${site:+"$site"})
+		"$REPO"/nbdswap/*.py "$REPO"/nbdswap/*/*.py "$REPO"/nbdswap/*/*.so ${site:+"$site"})
 	fresh "$out" "${inputs[@]}" && return
 	log "building ${out##*/}"
 	mapfile -t listing < <(PYTHONPATH=$REPO${site:+:$site} "$python" -S "$HERE/python-closure.py" "$mode")

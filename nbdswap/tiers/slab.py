@@ -4,10 +4,13 @@ The space is cut into 64 KiB slabs.  A slab in use holds slots of one size class
 classes, multiples of 64 bytes up to 4096), so a payload wastes on average about 32
 bytes of rounding (more for the largest payloads, where only 16..20 fit a slab) plus
 the slab's unusable tail (at most 2.5 %).  Per slab the allocator keeps one byte
-per slot (free slots are found with ``bytearray.find`` at C speed), a 16-bit use count
-and a class byte; per class the slabs with free slots, grouped by fullness.  There is no
-Python object per payload.  A slab whose last slot is freed goes back to the pool (so the classes
-rebalance) and the tier releases its memory.
+per slot, a 16-bit use count and a class byte; per class the slabs with free slots,
+grouped by fullness.  A slab whose last slot is freed goes back to the pool (so the
+classes rebalance) and the tier releases its memory.
+
+:class:`SlabAllocator` is C (``_slab.c``): every written page allocates a slot and frees
+the one it replaces, and in Python that bookkeeping was 11 % of a write's instructions
+(bench/RESULTS.md).  The size classes are defined here and handed to it once.
 
 An address is the byte offset of the slot in the tier's data area, so a slab and slot
 can be derived from it and from the payload's length (which determines its class).
@@ -30,16 +33,15 @@ import logging
 import os
 import struct
 import uuid
-from array import array
-from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import NoSpaceError, StoreError
 from . import Tier
+from ._slab import FULLNESS_GROUPS, SLAB_SIZE, SlabAllocator
+from ._slab import configure as _configure_allocator
 
 log = logging.getLogger(__name__)
 
-SLAB_SIZE = 64 * 1024
 GRANULE = 64
 MAX_PAYLOAD = 4096
 CLASS_COUNT = MAX_PAYLOAD // GRANULE
@@ -47,14 +49,11 @@ SPAN_SLABS = 16
 SPAN_SIZE = SPAN_SLABS * SLAB_SIZE
 LARGE_GRANULE = 256
 MAX_LARGE_PAYLOAD = 32 * 1024
-#: Partially used slabs are grouped by fullness in this many groups per class.
-FULLNESS_GROUPS = 4
 
 
 def _merged_classes() -> tuple[int, ...]:
     """Class index (slot size in granules) for each payload length 0..MAX_PAYLOAD (0 for
-    0, which no class takes).  Looked up by length, not computed from it: every
-    allocation and free of a written page needs its class.
+    0, which no class takes).
 
     A size is served by the largest multiple of GRANULE that still fits as many slots
     into a slab (as zsmalloc merges its classes): it costs no memory, and fewer
@@ -89,11 +88,7 @@ LAST_CLASS = CLASS_COUNT + LARGE_CLASS_COUNT
 
 def size_class(length: int, large: bool = False) -> int:
     """The class index of a payload: 1..CLASS_COUNT (slots of ``index*GRANULE``) or, with
-    ``large``, a large class above CLASS_COUNT for 4097..MAX_LARGE_PAYLOAD bytes.
-
-    :meth:`SlabAllocator.alloc` and ``free``, which every written page passes, look its
-    first case up in :data:`_CLASS_BY_LENGTH` themselves and call it for the rest (the
-    calls were 1.2k instructions of a write's 150k, bench/write_instructions.py)."""
+    ``large``, a large class above CLASS_COUNT for 4097..MAX_LARGE_PAYLOAD bytes."""
     if 0 < length <= MAX_PAYLOAD:
         return _CLASS_BY_LENGTH[length]
     if large and MAX_PAYLOAD < length <= MAX_LARGE_PAYLOAD:
@@ -120,263 +115,14 @@ def slots_per_slab(cls: int) -> int:
     return slab_slabs(cls) * SLAB_SIZE // slot_bytes(cls)
 
 
-#: :func:`slot_bytes`, :func:`slab_slabs` and :func:`slots_per_slab` of every class (0
-#: unused), indexed on the paths of every allocation and free instead of called: the
-#: calls were 5.6k instructions of a RAM write (callgrind).
-_SLOT_BYTES = tuple(slot_bytes(cls) for cls in range(LAST_CLASS + 1))
-_SLAB_SLABS = tuple(slab_slabs(cls) for cls in range(LAST_CLASS + 1))
-_SLOTS_PER_SLAB = (0, *(slots_per_slab(cls) for cls in range(1, LAST_CLASS + 1)))
-
-
-def _slot_of(addr: int, cls: int) -> tuple[int, int]:
-    """(First) slab and slot of ``addr`` if it is a slot boundary of class ``cls``
-    (:meth:`SlabAllocator.free` repeats it for the one-slab classes)."""
-    slabs = _SLAB_SLABS[cls]
-    slab, offset = divmod(addr, slabs * SLAB_SIZE)
-    slot, misalignment = divmod(offset, _SLOT_BYTES[cls])
-    if misalignment or slot >= _SLOTS_PER_SLAB[cls]:
-        raise ValueError(f"address {addr} is not a slot of class {cls}")
-    return slab * slabs, slot
-
-
-def _ignore_slab(slab: int, cls: int = 0) -> None:
-    """Default slab hook."""
-
-
-class SlabAllocator:
-    """Allocates slots in ``capacity // SLAB_SIZE`` slabs.
-
-    Partially used slabs of a class are kept in :data:`FULLNESS_GROUPS` sets by how
-    full they are, and a new payload goes into the fullest one (as zsmalloc does), so
-    sparse slabs drain and are released instead of staying a little used forever.
-
-    ``on_new_slab(slab, cls)`` runs before a slab (each slab of a span) is first used for
-    class ``cls`` and may raise :class:`NoSpaceError` to refuse it, before anything is
-    allocated; ``on_empty_slab(slab)`` runs after a slab's
-    last slot was freed.  Slabs beyond the capacity (left over from a larger earlier
-    capacity and recorded with :meth:`mark_used`) are used until they drain but never
-    receive new payloads.
-    """
-
-    def __init__(
-        self,
-        capacity: int,
-        on_new_slab: Callable[[int, int], None] = _ignore_slab,
-        on_empty_slab: Callable[[int], None] = _ignore_slab,
-        *,
-        large: bool = False,
-    ) -> None:
-        self.slab_limit = capacity // SLAB_SIZE
-        self.large = large
-        self._on_new_slab = on_new_slab
-        self._on_empty_slab = on_empty_slab
-        self._classes = bytearray(self.slab_limit)  # class index per slab, 0 = free
-        self._used = array("H", bytes(2 * self.slab_limit))  # used slots per slab
-        self._slots: dict[int, bytearray] = {}  # slab -> one byte per slot, 1 = used
-        # per class, per fullness group (emptiest first): slabs with free slots
-        self._partial = [[set() for _ in range(FULLNESS_GROUPS)] for _ in range(LAST_CLASS + 1)]
-        self._free_hint = 0  # every slab below this index is in use
-        self._slabs_in_use = 0
-        self.blocks = 0
-        self.stored_bytes = 0
-        self.used_bytes = 0
-
-    @property
-    def capacity_bytes(self) -> int:
-        return self.slab_limit * SLAB_SIZE
-
-    @property
-    def slab_bytes(self) -> int:
-        """Bytes of the slabs in use (the memory or disk space the tier occupies)."""
-        return self._slabs_in_use * SLAB_SIZE
-
-    def has_room(self, length: int) -> bool:
-        cls = size_class(length, self.large)
-        return any(self._partial[cls]) or self._find_free_slab(slab_slabs(cls)) >= 0
-
-    def has_partial(self, length: int) -> bool:
-        """Whether a slab already in use has a free slot for a payload of ``length``."""
-        return any(self._partial[size_class(length, self.large)])
-
-    def alloc(self, length: int) -> int:
-        """Reserve a slot for a payload of ``length`` bytes and return its address: in the
-        fullest partly used slab of its class, else in a new one."""
-        cls = (_CLASS_BY_LENGTH[length] if 0 < length <= MAX_PAYLOAD
-               else size_class(length, self.large))
-        for group in reversed(self._partial[cls]):
-            if group:
-                slab = group.pop()
-                break
-        else:
-            slab = self._new_slab(cls)
-        return self._alloc_in(slab, cls, length)
-
-    def _alloc_in(self, slab: int, cls: int, length: int) -> int:
-        """A free slot of ``slab``, a slab of class ``cls`` with one that is in no
-        fullness group (:meth:`alloc` popped it, or it is new); the slab joins the
-        group of its new fullness unless it is full."""
-        slots = self._slots[slab]
-        slot = slots.find(0)
-        slots[slot] = 1
-        self.blocks += 1
-        self.stored_bytes += length
-        self.used_bytes += _SLOT_BYTES[cls]
-        used = self._used[slab] + 1
-        self._used[slab] = used
-        self._file(slab, cls, used)
-        return slab * SLAB_SIZE + slot * _SLOT_BYTES[cls]
-
-    def free(self, addr: int, length: int) -> None:
-        cls = (_CLASS_BY_LENGTH[length] if 0 < length <= MAX_PAYLOAD
-               else size_class(length, self.large))
-        if cls <= CLASS_COUNT:
-            # _slot_of(addr, cls) for a one-slab class, without the call (0.5-0.9 % of a
-            # write's instructions); keep the two alike.
-            slab, offset = divmod(addr, SLAB_SIZE)
-            slot, misalignment = divmod(offset, _SLOT_BYTES[cls])
-            if misalignment or slot >= _SLOTS_PER_SLAB[cls]:
-                raise ValueError(f"address {addr} is not a slot of class {cls}")
-        else:
-            slab, slot = _slot_of(addr, cls)
-        slots = self._slots.get(slab)
-        if slots is None or self._classes[slab] != cls:
-            raise ValueError(f"address {addr} is not in a slab of class {cls}")
-        if not slots[slot]:
-            raise ValueError(f"double free of address {addr}")
-        slots[slot] = 0
-        self.blocks -= 1
-        self.stored_bytes -= length
-        self.used_bytes -= _SLOT_BYTES[cls]
-        before = self._used[slab]
-        self._used[slab] = before - 1
-        if before < _SLOTS_PER_SLAB[cls]:  # it was partly used: in the group of its fullness
-            self._partial[cls][before * FULLNESS_GROUPS // _SLOTS_PER_SLAB[cls]].discard(slab)
-        if before == 1:
-            self._release(slab)
-        else:
-            self._file(slab, cls, before - 1)
-
-    def mark_used(self, addr: int, length: int) -> None:
-        """Record an existing payload (start-up rebuild from the block map).  The slabs
-        join their fullness groups in :meth:`finish_marking`, once after the last
-        payload: keeping the groups payload by payload took about a third of the
-        start-up rebuild."""
-        cls = size_class(length, self.large)
-        slab, slot = _slot_of(addr, cls)
-        slots = self._slots.get(slab)
-        if slots is None or self._classes[slab] != cls:
-            slots = self._mark_first(slab, cls, addr)
-        if slots[slot]:
-            raise ValueError(f"address {addr} is recorded twice")
-        slots[slot] = 1
-        self._used[slab] += 1  # counted as _alloc_in does, without its groups
-        self.blocks += 1
-        self.stored_bytes += length
-        self.used_bytes += _SLOT_BYTES[cls]
-
-    def _mark_first(self, slab: int, cls: int, addr: int) -> bytearray:
-        """Assign the free ``slab`` (and the rest of its span) to class ``cls``."""
-        span = _SLAB_SLABS[cls]
-        self._grow_to(slab + span)
-        if self._classes[slab : slab + span] != bytes(span):
-            raise ValueError(f"address {addr} lies in a slab of another class than {cls}")
-        self._assign(slab, cls)
-        return self._slots[slab]
-
-    def finish_marking(self) -> None:
-        """Sort every slab with free slots into its class's fullness group (after the
-        :meth:`mark_used` calls of a start-up)."""
-        for groups in self._partial:
-            for group in groups:
-                group.clear()
-        for slab in self._slots:
-            self._file(slab, self._classes[slab], self._used[slab])
-
-    def in_sparse_slab(self, addr: int, length: int) -> bool:
-        """Whether the payload at ``addr`` lies in a slab worth emptying, as zsmalloc
-        compacts: a single slab at most half used, among the emptiest of its class, which
-        has other partly used slabs to take its payloads (see :meth:`alloc_fuller`)."""
-        cls = size_class(length, self.large)
-        if cls > CLASS_COUNT:
-            return False
-        slab, groups = addr // SLAB_SIZE, self._partial[cls]
-        group = self._used[slab] * FULLNESS_GROUPS // slots_per_slab(cls)
-        return group <= 1 and slab in groups[group] and not any(groups[:group]) \
-            and sum(map(len, groups[group:])) > 1
-
-    def alloc_fuller(self, length: int, addr: int) -> int | None:
-        """Like :meth:`alloc`, for the payload at ``addr`` if it lies in a sparse slab,
-        and only in the fullest slab of its class (ties: the lowest), if that one ranks
-        above its own (payloads only move up a total order: no ping-pong); else ``None``."""
-        if not self.in_sparse_slab(addr, length):
-            return None
-        cls = size_class(length, self.large)
-        fullest = next(group for group in reversed(self._partial[cls]) if group)
-        rank = self._rank
-        target = max(fullest, key=rank)
-        if rank(target) <= rank(addr // SLAB_SIZE):
-            return None
-        fullest.discard(target)
-        return self._alloc_in(target, cls, length)
-
-    def _rank(self, slab: int) -> tuple[int, int]:
-        return self._used[slab], -slab
-
-    def _file(self, slab: int, cls: int, used: int) -> None:
-        """Put ``slab``, of class ``cls`` with ``used`` slots in use, into the fullness
-        group it belongs to, unless it is full or beyond the limit (such a slab only
-        drains).  :meth:`_alloc_in` and :meth:`free` count the slot in or out
-        themselves: one call with a sign for both cost 1.6k instructions a write more
-        (bench/write_instructions.py)."""
-        per_slab = _SLOTS_PER_SLAB[cls]
-        if used < per_slab and slab + _SLAB_SLABS[cls] <= self.slab_limit:
-            self._partial[cls][used * FULLNESS_GROUPS // per_slab].add(slab)
-
-    def _find_free_slab(self, span: int = 1) -> int:
-        """A free slab (or the first of ``span`` free, aligned ones) below the limit, or -1."""
-        if span == 1:
-            slab = self._classes.find(0, self._free_hint, self.slab_limit)
-            self._free_hint = self.slab_limit if slab < 0 else slab
-            return slab
-        empty, start = bytes(span), self._free_hint
-        while (found := self._classes.find(empty, start, self.slab_limit)) >= 0:
-            aligned = -(-found // span) * span
-            if self._classes[aligned : aligned + span] == empty and aligned + span <= self.slab_limit:
-                return aligned
-            start = aligned
-        return -1
-
-    def _new_slab(self, cls: int) -> int:
-        span = slab_slabs(cls)
-        slab = self._find_free_slab(span)
-        if slab < 0:
-            raise NoSpaceError("no free slab")
-        for part in range(slab, slab + span):
-            self._on_new_slab(part, cls)
-        self._assign(slab, cls)
-        return slab
-
-    def _assign(self, slab: int, cls: int) -> None:
-        span = slab_slabs(cls)
-        self._classes[slab : slab + span] = bytes((cls,)) * span
-        self._slots[slab] = bytearray(slots_per_slab(cls))
-        self._slabs_in_use += span
-
-    def _release(self, slab: int) -> None:
-        del self._slots[slab]
-        span = slab_slabs(self._classes[slab])
-        self._classes[slab : slab + span] = bytes(span)
-        self._slabs_in_use -= span
-        if slab < self.slab_limit:
-            self._free_hint = min(self._free_hint, slab)
-        for part in range(slab, slab + span):
-            self._on_empty_slab(part)
-
-    def _grow_to(self, slabs: int) -> None:
-        missing = slabs - len(self._classes)
-        if missing > 0:
-            self._classes.extend(bytes(missing))
-            self._used.frombytes(bytes(2 * missing))
+#: The allocator's tables: the class of every payload length 0..MAX_LARGE_PAYLOAD, and
+#: the slot size, slabs per slab and slots per slab of every class (0 unused).
+_configure_allocator(
+    bytes(size_class(length, large=True) if length else 0 for length in range(MAX_LARGE_PAYLOAD + 1)),
+    [slot_bytes(cls) for cls in range(LAST_CLASS + 1)],
+    [slab_slabs(cls) for cls in range(LAST_CLASS + 1)],
+    [0, *(slots_per_slab(cls) for cls in range(1, LAST_CLASS + 1))],
+    MAX_PAYLOAD, NoSpaceError)
 
 
 # --- arena files --------------------------------------------------------------------
