@@ -21,6 +21,7 @@ from nbdswap.tiers.slab import (
     punch_hole,
     SPAN_SIZE,
     size_class,
+    slab_slabs,
     slot_bytes,
     slot_size,
     slots_per_slab,
@@ -50,12 +51,18 @@ def test_classes_are_merged_and_waste_little():
 
 
 def _slot(addr, length):
-    return addr, addr + size_class(length) * GRANULE
+    return addr, addr + slot_bytes(size_class(length, large=True))
+
+
+def _slab_of(addr, length):
+    """The slab a payload's slot is in, or the span's first slab, and its size in bytes."""
+    unit = slab_slabs(size_class(length, large=True)) * SLAB_SIZE
+    return addr // unit * unit // SLAB_SIZE, unit
 
 
 def assert_filed_by_fullness(allocator: SlabAllocator) -> None:
-    """Each partly used slab is in the fullness group of its use count, and only there;
-    a full slab is in none."""
+    """Each partly used slab below the limit is in the fullness group of its use count,
+    and only there; a full slab, or one beyond the limit (it only drains), is in none."""
     filed = []
     usage = allocator.slab_usage()
     for cls, groups in enumerate(allocator.partial_groups):
@@ -65,33 +72,46 @@ def assert_filed_by_fullness(allocator: SlabAllocator) -> None:
                 assert slab_class == cls
                 assert used * FULLNESS_GROUPS // slots_per_slab(cls) == index
             filed.extend(group)
-    partly_used = [slab for slab, (cls, used) in usage.items() if used < slots_per_slab(cls)]
+    partly_used = [slab for slab, (cls, used) in usage.items()
+                   if used < slots_per_slab(cls) and slab + slab_slabs(cls) <= allocator.slab_limit]
     assert sorted(filed) == sorted(partly_used)
 
 
 class AllocatorMachine(RuleBasedStateMachine):
-    """Random allocs, frees and rebuilds never hand out overlapping slots."""
+    """Random allocs, frees and rebuilds (some with a smaller capacity) never hand out
+    overlapping slots, and a payload goes into the fullest partly used slab of its class."""
 
     CAPACITY = 6 * SLAB_SIZE
+    LARGE = False
     payloads = Bundle("payloads")
 
     def __init__(self):
         super().__init__()
         self.released = []
+        self.capacity = self.CAPACITY
         self.allocator = self._new_allocator()
         self.live = {}  # addr -> length
 
     def _new_allocator(self):
-        return SlabAllocator(self.CAPACITY, on_empty_slab=self.released.append)
+        return SlabAllocator(self.capacity, on_empty_slab=self.released.append, large=self.LARGE)
 
     @rule(target=payloads, length=st.one_of(st.integers(1, 4096), st.sampled_from([64, 1000, 4096])))
     def alloc(self, length):
+        return self._alloc(length)
+
+    def _alloc(self, length):
+        fullest = next((group for group in reversed(self.allocator.partial_groups[size_class(length, True)])
+                        if group), None)
+        in_use = self.allocator.slab_usage()
         try:
             addr = self.allocator.alloc(length)
         except NoSpaceError:
             assert not self.allocator.has_room(length)
             return None
         assert addr not in self.live
+        slab, _ = _slab_of(addr, length)
+        assert slab in fullest if fullest else slab not in in_use
+        assert _slot(addr, length)[1] <= self.allocator.capacity_bytes  # never beyond the limit
         self.live[addr] = length
         return addr
 
@@ -132,8 +152,10 @@ class AllocatorMachine(RuleBasedStateMachine):
                 moved.append(new)
         return multiple(*moved)
 
-    @rule()
-    def rebuild(self):
+    @rule(smaller=st.booleans())
+    def rebuild(self, smaller):
+        """A restart, perhaps with a smaller capacity: slabs beyond it only drain."""
+        old_capacity, self.capacity = self.capacity, self.CAPACITY // 2 if smaller else self.CAPACITY
         rebuilt = self._new_allocator()
         for addr, length in random.Random(len(self.live)).sample(sorted(self.live.items()), len(self.live)):
             rebuilt.mark_used(addr, length)
@@ -144,7 +166,8 @@ class AllocatorMachine(RuleBasedStateMachine):
             self.allocator.used_bytes,
             self.allocator.slab_bytes,
         )
-        assert rebuilt.partial_groups == self.allocator.partial_groups  # the same slabs are filled next
+        if self.capacity == old_capacity:
+            assert rebuilt.partial_groups == self.allocator.partial_groups  # the same slabs are filled next
         self.allocator = rebuilt
 
     @invariant()
@@ -152,8 +175,10 @@ class AllocatorMachine(RuleBasedStateMachine):
         slots = sorted(_slot(addr, length) for addr, length in self.live.items())
         for (_, end), (start, _) in zip(slots, slots[1:]):
             assert end <= start
-        for start, end in slots:
-            assert start // SLAB_SIZE == (end - 1) // SLAB_SIZE  # never straddles a slab
+        for addr, length in self.live.items():
+            start, end = _slot(addr, length)
+            _, unit = _slab_of(addr, length)
+            assert start // unit == (end - 1) // unit  # never straddles a slab (or span)
             assert end <= self.CAPACITY
 
     @invariant()
@@ -165,13 +190,28 @@ class AllocatorMachine(RuleBasedStateMachine):
         allocator = self.allocator
         assert allocator.blocks == len(self.live)
         assert allocator.stored_bytes == sum(self.live.values())
-        assert allocator.used_bytes == sum(size_class(n) * GRANULE for n in self.live.values())
-        slabs = {addr // SLAB_SIZE for addr in self.live}
-        assert allocator.slab_bytes == len(slabs) * SLAB_SIZE
+        assert allocator.used_bytes == sum(slot_bytes(size_class(n, True)) for n in self.live.values())
+        slabs = dict(_slab_of(addr, length) for addr, length in self.live.items())
+        assert allocator.slab_bytes == sum(slabs.values())
 
 
 TestAllocator = AllocatorMachine.TestCase
 TestAllocator.settings = settings(max_examples=60, stateful_step_count=80, deadline=None)
+
+
+class LargeAllocatorMachine(AllocatorMachine):
+    """The same with spans of slabs for payloads above 4096 bytes among the pages."""
+
+    CAPACITY = 40 * SLAB_SIZE  # two spans and some slabs; one span when halved
+    LARGE = True
+
+    @rule(target=AllocatorMachine.payloads, length=st.integers(4097, 32 * 1024))
+    def alloc_large(self, length):
+        return self._alloc(length)
+
+
+TestLargeAllocator = LargeAllocatorMachine.TestCase
+TestLargeAllocator.settings = settings(max_examples=40, stateful_step_count=80, deadline=None)
 
 
 def test_full_allocator_raises_and_recovers():
@@ -249,6 +289,71 @@ def test_slabs_beyond_a_reduced_capacity_drain():
     assert allocator.slab_bytes == SLAB_SIZE
     with pytest.raises(NoSpaceError):
         allocator.alloc(4096)
+
+
+def test_a_double_free_in_a_slab_still_in_use_is_refused():
+    allocator = SlabAllocator(SLAB_SIZE)
+    kept, freed = allocator.alloc(1000), allocator.alloc(1000)
+    allocator.free(freed, 1000)
+    with pytest.raises(ValueError, match="double free"):
+        allocator.free(freed, 1000)
+    assert (allocator.blocks, allocator.slab_bytes) == (1, SLAB_SIZE)
+    allocator.free(kept, 1000)
+
+
+def test_a_released_slab_below_slabs_in_use_is_taken_again():
+    allocator = SlabAllocator(2 * SLAB_SIZE)
+    first = [allocator.alloc(4096) for _ in range(16)]
+    [allocator.alloc(4096) for _ in range(16)]
+    for addr in first:
+        allocator.free(addr, 4096)
+    assert allocator.alloc(64) < SLAB_SIZE  # the released slab, for another class
+
+
+def test_a_span_fits_below_the_capacity_and_gives_back_all_its_slabs():
+    allocator = SlabAllocator(24 * SLAB_SIZE, large=True)
+    span = allocator.alloc(10_000)
+    with pytest.raises(NoSpaceError):
+        allocator.alloc(20_000)  # another class: its span, slabs 16..31, passes the capacity
+    assert allocator.slab_bytes == SPAN_SIZE
+    allocator.free(span, 10_000)
+    pages = [allocator.alloc(4096) for _ in range(24 * 16)]
+    assert len({addr // SLAB_SIZE for addr in pages}) == 24
+
+
+def test_mark_used_refuses_a_span_over_a_slab_of_another_class():
+    allocator = SlabAllocator(32 * SLAB_SIZE, large=True)
+    allocator.mark_used(3 * SLAB_SIZE, 4096)
+    with pytest.raises(ValueError, match="another class"):
+        allocator.mark_used(0, 10_000)  # its span, slabs 0..15, holds slab 3
+
+
+def _slabs_of_pages(counts):
+    """An allocator whose slabs 0, 1, ... hold ``counts`` 4096-byte pages (16 fit a slab),
+    emptied from the last slab to the first; the addresses per slab."""
+    allocator = SlabAllocator(8 * SLAB_SIZE)
+    slabs = [[allocator.alloc(4096) for _ in range(16)] for _ in counts]
+    for slab, count in reversed(list(zip(slabs, counts))):
+        for addr in slab[count:]:
+            allocator.free(addr, 4096)
+        del slab[count:]
+    return allocator, slabs
+
+
+@pytest.mark.parametrize(("counts", "sparse"), [
+    ((2, 9, 12), [True, False, False]),  # at most half used (groups 0 and 1), and the emptiest
+    ((5, 2, 12), [False, True, False]),  # an emptier slab goes first
+    ((2, 16), [False, False]),  # nowhere to go: the other slab is full
+])
+def test_sparse_slabs_are_the_emptiest_at_most_half_used_with_somewhere_to_go(counts, sparse):
+    allocator, slabs = _slabs_of_pages(counts)
+    assert [allocator.in_sparse_slab(slab[0], 4096) for slab in slabs] == sparse
+
+
+@pytest.mark.parametrize(("counts", "target"), [((2, 12, 12), 1), ((2, 12, 13), 2)])
+def test_a_sparse_slab_empties_into_the_fullest_slab_the_lowest_of_equals(counts, target):
+    allocator, slabs = _slabs_of_pages(counts)
+    assert allocator.alloc_fuller(4096, slabs[0][0]) // SLAB_SIZE == target
 
 
 # --- tiers -----------------------------------------------------------------------
