@@ -263,7 +263,7 @@ def test_free_and_mark_used_detect_inconsistencies():
     in_tailed = allocator.alloc(3000)  # its class's slots leave a tail in the slab
     tail = in_tailed - in_tailed % SLAB_SIZE + slots_per_slab(size_class(3000)) * slot_size(3000)
     assert tail + slot_size(3000) > (in_tailed // SLAB_SIZE + 1) * SLAB_SIZE
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not a slot"):
         allocator.free(tail, 3000)  # aligned to the class, but past the slab's last slot
     with pytest.raises(ValueError):
         allocator.mark_used(addr, 1000)  # recorded twice
@@ -344,6 +344,7 @@ def _slabs_of_pages(counts):
     ((2, 9, 12), [True, False, False]),  # at most half used (groups 0 and 1), and the emptiest
     ((5, 2, 12), [False, True, False]),  # an emptier slab goes first
     ((2, 16), [False, False]),  # nowhere to go: the other slab is full
+    ((9, 12), [False, False]),  # more than half used
 ])
 def test_sparse_slabs_are_the_emptiest_at_most_half_used_with_somewhere_to_go(counts, sparse):
     allocator, slabs = _slabs_of_pages(counts)
@@ -354,6 +355,20 @@ def test_sparse_slabs_are_the_emptiest_at_most_half_used_with_somewhere_to_go(co
 def test_a_sparse_slab_empties_into_the_fullest_slab_the_lowest_of_equals(counts, target):
     allocator, slabs = _slabs_of_pages(counts)
     assert allocator.alloc_fuller(4096, slabs[0][0]) // SLAB_SIZE == target
+
+
+def test_payloads_move_only_up_the_order_of_slabs():
+    allocator, slabs = _slabs_of_pages((2, 3))
+    assert allocator.in_sparse_slab(slabs[1][0], 4096)
+    assert allocator.alloc_fuller(4096, slabs[1][0]) is None  # the fullest slab is its own
+    allocator, slabs = _slabs_of_pages((2, 2))  # equally full: the lower slab ranks above
+    assert allocator.alloc_fuller(4096, slabs[0][0]) is None
+    assert allocator.alloc_fuller(4096, slabs[1][0]) // SLAB_SIZE == 0
+
+
+def test_has_partial_sees_slabs_of_every_fullness():
+    allocator, _ = _slabs_of_pages((15,))
+    assert allocator.has_partial(4096) and not allocator.has_partial(64)
 
 
 # --- tiers -----------------------------------------------------------------------
