@@ -1,8 +1,8 @@
 /* The slab allocator's bookkeeping (nbdswap.tiers.slab.SlabAllocator), in C.
  *
- * Every written page allocates a slot and frees the one it replaces; in Python that
- * bookkeeping was 11 % of a write's instructions (issue 7, bench/RESULTS.md), and
- * compiling the Python (Cython, mypyc) did not help because the cost was in the dict,
+ * Every written page allocates a slot and frees the one it replaces; moving that
+ * bookkeeping from Python to C took 11-11.5 % off a write's instructions (issue 7,
+ * bench/RESULTS.md), and compiling the Python (Cython, mypyc) did not help because the cost was in the dict,
  * set and int objects themselves.  Here the state is plain
  * arrays: per slab a class byte, a use count, one byte per slot, and the fullness group
  * it is filed in; per class and fullness group an array of slabs.
