@@ -12,6 +12,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -47,7 +48,7 @@ typedef struct {
     PyObject_HEAD
     Py_ssize_t slab_limit; /* slabs that take new payloads */
     Py_ssize_t nslabs;     /* slabs tracked: more after mark_used() beyond the limit */
-    int large;
+    char large; /* a bool */
     PyObject *on_new_slab, *on_empty_slab; /* or NULL */
     uint8_t *classes;      /* per slab (each slab of a span): class, 0 = free */
     uint16_t *used;        /* per slab in use (the first of a span): slots in use */
@@ -251,6 +252,17 @@ release(Allocator *self, Py_ssize_t slab)
     return 0;
 }
 
+/* Mark a slot of `slab` used by a payload of `length` bytes, and count it. */
+static void
+take_slot(Allocator *self, Py_ssize_t slab, uint8_t *slot, int cls, Py_ssize_t length)
+{
+    *slot = 1;
+    self->used[slab]++;
+    self->blocks++;
+    self->stored_bytes += length;
+    self->used_bytes += slot_bytes[cls];
+}
+
 /* A free slot of `slab` (of class `cls`, filed in no group), which joins the group of
  * its new fullness unless it is full; the slot's address. */
 static PyObject *
@@ -264,43 +276,43 @@ alloc_in(Allocator *self, Py_ssize_t slab, int cls, Py_ssize_t length)
     }
     if (file_slab(self, slab, cls, self->used[slab] + 1) < 0)
         return NULL;
-    *free_slot = 1;
-    self->used[slab]++;
-    self->blocks++;
-    self->stored_bytes += length;
-    self->used_bytes += slot_bytes[cls];
+    take_slot(self, slab, free_slot, cls, length);
     return PyLong_FromLongLong((long long)slab * SLAB_SIZE + (free_slot - slots) * slot_bytes[cls]);
 }
 
+/* The class of a payload of `arg` bytes (its length in `length`), or -1 with an
+ * exception set. */
 static int
-two_arguments(const char *method, Py_ssize_t nargs)
+length_class(Allocator *self, PyObject *arg, Py_ssize_t *length)
 {
-    if (nargs == 2)
-        return 1;
-    PyErr_Format(PyExc_TypeError, "%s() takes 2 arguments (%zd given)", method, nargs);
-    return 0;
+    *length = PyLong_AsSsize_t(arg);
+    if (*length == -1 && PyErr_Occurred())
+        return -1;
+    return class_of(self, *length);
 }
 
-/* The two arguments of a method, (addr, length) in either order, and the length's class. */
+/* The (addr, length) arguments of a method (`length_first`: in that order), and the
+ * length's class; -1 with an exception set if they are not two valid ones. */
 static int
-parse_payload(Allocator *self, PyObject *addr_arg, PyObject *length_arg, long long *addr,
-              Py_ssize_t *length, int *cls)
+parse_payload(Allocator *self, const char *method, PyObject *const *args, Py_ssize_t nargs,
+              int length_first, long long *addr, Py_ssize_t *length, int *cls)
 {
-    *addr = PyLong_AsLongLong(addr_arg);
-    *length = PyLong_AsSsize_t(length_arg);
-    if ((*addr == -1 || *length == -1) && PyErr_Occurred())
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "%s() takes 2 arguments (%zd given)", method, nargs);
         return -1;
-    *cls = class_of(self, *length);
+    }
+    *addr = PyLong_AsLongLong(args[length_first]);
+    if (*addr == -1 && PyErr_Occurred())
+        return -1;
+    *cls = length_class(self, args[!length_first], length);
     return *cls < 0 ? -1 : 0;
 }
 
 static PyObject *
 Allocator_alloc(Allocator *self, PyObject *arg)
 {
-    Py_ssize_t length = PyLong_AsSsize_t(arg), slab = -1;
-    if (length == -1 && PyErr_Occurred())
-        return NULL;
-    int cls = class_of(self, length);
+    Py_ssize_t length, slab = -1;
+    int cls = length_class(self, arg, &length);
     if (cls < 0)
         return NULL;
     Group *groups = groups_of(self, cls);
@@ -322,8 +334,7 @@ Allocator_free(Allocator *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t slab, slot, length;
     long long addr;
     int cls;
-    if (!two_arguments("free", nargs) ||
-        parse_payload(self, args[0], args[1], &addr, &length, &cls) < 0)
+    if (parse_payload(self, "free", args, nargs, 0, &addr, &length, &cls) < 0)
         return NULL;
     if (slot_of(addr, cls, &slab, &slot) < 0)
         return NULL;
@@ -349,8 +360,7 @@ Allocator_mark_used(Allocator *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t slab, slot, length;
     long long addr;
     int cls;
-    if (!two_arguments("mark_used", nargs) ||
-        parse_payload(self, args[0], args[1], &addr, &length, &cls) < 0)
+    if (parse_payload(self, "mark_used", args, nargs, 0, &addr, &length, &cls) < 0)
         return NULL;
     if (slot_of(addr, cls, &slab, &slot) < 0 || grow_to(self, slab + slab_slabs[cls]) < 0)
         return NULL;
@@ -364,11 +374,7 @@ Allocator_mark_used(Allocator *self, PyObject *const *args, Py_ssize_t nargs)
     }
     if (self->slots[slab][slot])
         return PyErr_Format(PyExc_ValueError, "address %lld is recorded twice", addr);
-    self->slots[slab][slot] = 1;
-    self->used[slab]++;
-    self->blocks++;
-    self->stored_bytes += length;
-    self->used_bytes += slot_bytes[cls];
+    take_slot(self, slab, &self->slots[slab][slot], cls, length);
     Py_RETURN_NONE;
 }
 
@@ -400,10 +406,8 @@ any_partial(Allocator *self, int cls, int below)
 static PyObject *
 Allocator_has_room(Allocator *self, PyObject *arg)
 {
-    Py_ssize_t length = PyLong_AsSsize_t(arg);
-    if (length == -1 && PyErr_Occurred())
-        return NULL;
-    int cls = class_of(self, length);
+    Py_ssize_t length;
+    int cls = length_class(self, arg, &length);
     if (cls < 0)
         return NULL;
     return PyBool_FromLong(any_partial(self, cls, GROUPS) || find_free_slab(self, slab_slabs[cls]) >= 0);
@@ -412,10 +416,8 @@ Allocator_has_room(Allocator *self, PyObject *arg)
 static PyObject *
 Allocator_has_partial(Allocator *self, PyObject *arg)
 {
-    Py_ssize_t length = PyLong_AsSsize_t(arg);
-    if (length == -1 && PyErr_Occurred())
-        return NULL;
-    int cls = class_of(self, length);
+    Py_ssize_t length;
+    int cls = length_class(self, arg, &length);
     if (cls < 0)
         return NULL;
     return PyBool_FromLong(any_partial(self, cls, GROUPS));
@@ -445,8 +447,7 @@ Allocator_in_sparse_slab(Allocator *self, PyObject *const *args, Py_ssize_t narg
     long long addr;
     Py_ssize_t length;
     int cls;
-    if (!two_arguments("in_sparse_slab", nargs) ||
-        parse_payload(self, args[0], args[1], &addr, &length, &cls) < 0)
+    if (parse_payload(self, "in_sparse_slab", args, nargs, 0, &addr, &length, &cls) < 0)
         return NULL;
     return PyBool_FromLong(in_sparse_slab(self, addr, cls));
 }
@@ -465,8 +466,7 @@ Allocator_alloc_fuller(Allocator *self, PyObject *const *args, Py_ssize_t nargs)
     long long addr;
     Py_ssize_t length;
     int cls;
-    if (!two_arguments("alloc_fuller", nargs) ||
-        parse_payload(self, args[1], args[0], &addr, &length, &cls) < 0)
+    if (parse_payload(self, "alloc_fuller", args, nargs, 1, &addr, &length, &cls) < 0)
         return NULL;
     if (!in_sparse_slab(self, addr, cls))
         Py_RETURN_NONE;
@@ -554,7 +554,7 @@ Allocator_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     if (self == NULL)
         return NULL;
     self->slab_limit = capacity / SLAB_SIZE;
-    self->large = large;
+    self->large = (char)large;
     self->on_new_slab = on_new_slab == Py_None ? NULL : Py_NewRef(on_new_slab);
     self->on_empty_slab = on_empty_slab == Py_None ? NULL : Py_NewRef(on_empty_slab);
     self->groups = PyMem_Calloc((size_t)(class_count + 1) * GROUPS, sizeof(Group));
@@ -619,36 +619,6 @@ Allocator_slab_bytes(Allocator *self, void *Py_UNUSED(closure))
     return PyLong_FromLongLong((long long)self->slabs_in_use * SLAB_SIZE);
 }
 
-static PyObject *
-Allocator_blocks(Allocator *self, void *Py_UNUSED(closure))
-{
-    return PyLong_FromLongLong(self->blocks);
-}
-
-static PyObject *
-Allocator_stored_bytes(Allocator *self, void *Py_UNUSED(closure))
-{
-    return PyLong_FromLongLong(self->stored_bytes);
-}
-
-static PyObject *
-Allocator_used_bytes(Allocator *self, void *Py_UNUSED(closure))
-{
-    return PyLong_FromLongLong(self->used_bytes);
-}
-
-static PyObject *
-Allocator_slab_limit(Allocator *self, void *Py_UNUSED(closure))
-{
-    return PyLong_FromSsize_t(self->slab_limit);
-}
-
-static PyObject *
-Allocator_large(Allocator *self, void *Py_UNUSED(closure))
-{
-    return PyBool_FromLong(self->large);
-}
-
 static PyMethodDef Allocator_methods[] = {
     {"alloc", (PyCFunction)Allocator_alloc, METH_O,
      "alloc(length): reserve a slot for a payload of `length` bytes and return its address: in\n"
@@ -677,15 +647,19 @@ static PyMethodDef Allocator_methods[] = {
     {NULL},
 };
 
+static PyMemberDef Allocator_members[] = {
+    {"blocks", T_LONGLONG, offsetof(Allocator, blocks), READONLY, "Payloads allocated."},
+    {"stored_bytes", T_LONGLONG, offsetof(Allocator, stored_bytes), READONLY, "Their lengths, summed."},
+    {"used_bytes", T_LONGLONG, offsetof(Allocator, used_bytes), READONLY, "Their slots' sizes, summed."},
+    {"slab_limit", T_PYSSIZET, offsetof(Allocator, slab_limit), READONLY, "Slabs that take new payloads."},
+    {"large", T_BOOL, offsetof(Allocator, large), READONLY, "Whether payloads above 4096 bytes are taken."},
+    {NULL},
+};
+
 static PyGetSetDef Allocator_getset[] = {
     {"capacity_bytes", (getter)Allocator_capacity_bytes, NULL, "Bytes new payloads may use.", NULL},
     {"slab_bytes", (getter)Allocator_slab_bytes, NULL,
      "Bytes of the slabs in use (the memory or disk space the tier occupies).", NULL},
-    {"blocks", (getter)Allocator_blocks, NULL, "Payloads allocated.", NULL},
-    {"stored_bytes", (getter)Allocator_stored_bytes, NULL, "Their lengths, summed.", NULL},
-    {"used_bytes", (getter)Allocator_used_bytes, NULL, "Their slots' sizes, summed.", NULL},
-    {"slab_limit", (getter)Allocator_slab_limit, NULL, "Slabs that take new payloads.", NULL},
-    {"large", (getter)Allocator_large, NULL, "Whether payloads above 4096 bytes are taken.", NULL},
     {"partial_groups", (getter)Allocator_partial_groups, NULL,
      "Per class, per fullness group (emptiest first): the set of partly used slabs.", NULL},
     {NULL},
@@ -711,6 +685,7 @@ static PyTypeObject AllocatorType = {
     .tp_traverse = (traverseproc)Allocator_traverse,
     .tp_clear = (inquiry)Allocator_clear,
     .tp_methods = Allocator_methods,
+    .tp_members = Allocator_members,
     .tp_getset = Allocator_getset,
 };
 
