@@ -2,8 +2,8 @@
  *
  * Every written page allocates a slot and frees the one it replaces; moving that
  * bookkeeping from Python to C took 11-11.5 % off a write's instructions (issue 7,
- * bench/RESULTS.md), and compiling the Python (Cython, mypyc) did not help because the cost was in the dict,
- * set and int objects themselves.  Here the state is plain
+ * bench/RESULTS.md), where compiling the Python (Cython, mypyc) had not helped: the
+ * cost was in the dict, set and int objects themselves.  Here the state is plain
  * arrays: per slab a class byte, a use count, one byte per slot, and the fullness group
  * it is filed in; per class and fullness group an array of slabs.
  *
@@ -112,12 +112,10 @@ file_slab(Allocator *self, Py_ssize_t slab, int cls, Py_ssize_t used)
 static int
 class_of(Allocator *self, Py_ssize_t length)
 {
-    if (length > 0 && length <= max_payload)
+    Py_ssize_t limit = self->large ? max_large_payload : max_payload;
+    if (length > 0 && length <= limit)
         return class_of_length[length];
-    if (self->large && length > max_payload && length <= max_large_payload)
-        return class_of_length[length];
-    PyErr_Format(PyExc_ValueError, "payload length %zd outside 1..%zd", length,
-                 self->large ? max_large_payload : max_payload);
+    PyErr_Format(PyExc_ValueError, "payload length %zd outside 1..%zd", length, limit);
     return -1;
 }
 
@@ -138,7 +136,22 @@ slot_of(long long addr, int cls, Py_ssize_t *slab, Py_ssize_t *slot)
     return -1;
 }
 
-/* Track `slabs` slabs at least (mark_used() records slabs beyond the limit). */
+/* Grow a per-slab array of `size`-byte items from `old` to `new` items, zeroed. */
+static int
+grow_array(void *array, Py_ssize_t old, Py_ssize_t new, size_t size)
+{
+    char *grown = realloc(*(void **)array, new * size);
+    if (grown == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memset(grown + old * size, 0, (new - old) * size);
+    *(void **)array = grown;
+    return 0;
+}
+
+/* Track `slabs` slabs at least (mark_used() records slabs beyond the limit).  On
+ * failure the arrays that grew keep their first `nslabs` entries, still valid. */
 static int
 grow_to(Allocator *self, Py_ssize_t slabs)
 {
@@ -149,30 +162,12 @@ grow_to(Allocator *self, Py_ssize_t slabs)
         PyErr_SetString(PyExc_ValueError, "address beyond the allocator's reach");
         return -1;
     }
-    uint8_t *classes = realloc(self->classes, slabs);
-    if (classes)
-        self->classes = classes;
-    uint16_t *used = realloc(self->used, slabs * sizeof(uint16_t));
-    if (used)
-        self->used = used;
-    uint8_t **slots = realloc(self->slots, slabs * sizeof(uint8_t *));
-    if (slots)
-        self->slots = slots;
-    uint8_t *filed = realloc(self->filed, slabs);
-    if (filed)
-        self->filed = filed;
-    uint32_t *position = realloc(self->position, slabs * sizeof(uint32_t));
-    if (position)
-        self->position = position;
-    if (!classes || !used || !slots || !filed || !position) {
-        PyErr_NoMemory(); /* the arrays that grew keep `old` valid entries */
+    if (grow_array(&self->classes, old, slabs, sizeof(*self->classes)) < 0 ||
+        grow_array(&self->used, old, slabs, sizeof(*self->used)) < 0 ||
+        grow_array(&self->slots, old, slabs, sizeof(*self->slots)) < 0 ||
+        grow_array(&self->filed, old, slabs, sizeof(*self->filed)) < 0 ||
+        grow_array(&self->position, old, slabs, sizeof(*self->position)) < 0)
         return -1;
-    }
-    memset(self->classes + old, 0, slabs - old);
-    memset(self->used + old, 0, (slabs - old) * sizeof(uint16_t));
-    memset(self->slots + old, 0, (slabs - old) * sizeof(uint8_t *));
-    memset(self->filed + old, 0, slabs - old);
-    memset(self->position + old, 0, (slabs - old) * sizeof(uint32_t));
     self->nslabs = slabs;
     return 0;
 }
