@@ -304,7 +304,8 @@ def test_a_double_free_in_a_slab_still_in_use_is_refused():
 def test_a_released_slab_below_slabs_in_use_is_taken_again():
     allocator = SlabAllocator(2 * SLAB_SIZE)
     first = [allocator.alloc(4096) for _ in range(16)]
-    [allocator.alloc(4096) for _ in range(16)]
+    for _ in range(16):
+        allocator.alloc(4096)  # slab 1, full
     for addr in first:
         allocator.free(addr, 4096)
     assert allocator.alloc(64) < SLAB_SIZE  # the released slab, for another class

@@ -10,7 +10,8 @@ classes rebalance) and the tier releases its memory.
 
 :class:`SlabAllocator` is C (``_slab.c``): every written page allocates a slot and frees
 the one it replaces, and moving that bookkeeping from Python to C took 11-11.5 % off a
-write's instructions (bench/RESULTS.md).  The size classes are defined here and handed to it once.
+write's instructions (bench/RESULTS.md).  The size classes are defined here and handed
+to it once.
 
 An address is the byte offset of the slot in the tier's data area, so a slab and slot
 can be derived from it and from the payload's length (which determines its class).
